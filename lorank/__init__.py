@@ -1,0 +1,3 @@
+"""lorank: representation collapse, low-rank learning and GaLore in JAX."""
+
+__version__ = "0.1.0"
