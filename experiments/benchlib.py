@@ -1,0 +1,98 @@
+"""Shared plumbing for `experiments/bench_*` modules.
+
+Each benchmark owns one section of docs/benchmarks.md, delimited by HTML comment
+markers, so benchmarks can be rerun independently without clobbering each other.
+Each also writes its raw numbers as JSON next to the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import re
+import time
+from typing import Any, Callable
+
+import jax
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
+RESULTS_DIR = REPO_ROOT / "docs" / "bench_results"
+
+_HEADER = """# Benchmarks
+
+Every figure here was measured by the command above its table, on the machine
+it names. Timings are ratios against a baseline measured in the same run.
+Each section is rewritten by its own `experiments/bench_*` module.
+"""
+
+
+def machine_description() -> str:
+    """One line naming the CPU/accelerator, core count and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices else "none"
+    return (
+        f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on "
+        f"{len(devices)} x {jax.default_backend()} ({kind}); Python {platform.python_version()}"
+    )
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of `fn()`; results are blocked on so async dispatch is timed."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; floats are printed with 4 significant digits."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, command: str, body_markdown: str, results: dict[str, Any],
+                  path: pathlib.Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) section `name` of docs/benchmarks.md and write its JSON.
+
+    Args:
+      name: section id, e.g. "bench_galore"; also the JSON file's stem.
+      command: the exact command that produced the numbers.
+      body_markdown: tables and prose for the section.
+      results: the raw numbers, written to docs/bench_results/<name>.json.
+    """
+    stamp = time.strftime("%Y-%m-%d")
+    section = (
+        f"<!-- {name}:start -->\n## {name}\n\n"
+        f"Command: `{command}`  \nMachine: {machine_description()}  \nDate: {stamp}\n\n"
+        f"{body_markdown.strip()}\n<!-- {name}:end -->"
+    )
+    text = path.read_text() if path.exists() else _HEADER
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "machine": machine_description(), "date": stamp, **results}
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
