@@ -1,0 +1,54 @@
+"""Generate text from the newest checkpoint of a pretraining run.
+
+    python -m experiments.sample --workdir runs/tiny --prompt "ROMEO:" --length 300
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+
+from lorank.data import text
+from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, optimizers
+
+def load_params(workdir: str):
+    """(model, params) of the newest checkpoint in `workdir`, on one device."""
+    config = loop_lib.load_workdir_config(workdir)
+    model = lm.build_llama(config)
+    tx, _ = optimizers.build_optimizer(config.optim, config.train.steps)
+    mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    init_params = lambda key: model.init(key, jax.numpy.zeros((1, 1), jax.numpy.int32))["params"]
+    _, abstract_state, shardings = loop_lib.state_layout(init_params, tx, mesh, jax.random.key(0))
+    state = loop_lib.restore_latest(workdir, abstract_state, shardings)
+    return model, state.params
+
+
+def sample(workdir: str, prompt: str, length: int, *, temperature: float = 0.8, top_k: int = 0,
+           seed: int = 0) -> str:
+    """The prompt followed by `length` generated characters (bytes), decoded."""
+    model, params = load_params(workdir)
+    tokenizer = text.ByteTokenizer()
+    out = lm.generate(model, params, tokenizer.encode(prompt), length, key=jax.random.key(seed),
+                      temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out)
+
+
+def main():
+    workdir = flags.DEFINE_string("workdir", None, "Workdir of a pretraining run.", required=True)
+    prompt = flags.DEFINE_string("prompt", "ROMEO:", "Text to continue.")
+    length = flags.DEFINE_integer("length", 300, "Tokens to generate.")
+    temperature = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+    top_k = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens; 0: all.")
+    seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+    def _main(argv):
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        print(sample(workdir.value, prompt.value, length.value, temperature=temperature.value,
+                     top_k=top_k.value, seed=seed.value))
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A LLaMA-style decoder-only transformer in flax.linen.
+
+RMSNorm (pre-norm), rotary position embeddings (rotate-half convention), causal
+multi-head attention, SwiGLU MLP and an untied LM head. Every kernel is a plain
+2-D matrix (one `nn.Dense` per projection, as in the reference PyTorch models),
+so GaLore and LoRA see the same matrices the papers project, and every
+parameter carries logical axis names for sharding (`lorank.train.mesh` maps
+them onto the device mesh).
+
+Parameter paths (V vocab, D hidden, F intermediate, L layers):
+
+    embed/embedding                         [V, D]  ('vocab', 'embed')
+    layers_{i}/attn_norm/scale              [D]     ('norm',)
+    layers_{i}/attn/{q,k,v,o}_proj/kernel   [D, D]  ('embed', 'joined_kv') / o: ('joined_kv', 'embed')
+    layers_{i}/mlp_norm/scale               [D]     ('norm',)
+    layers_{i}/mlp/{gate,up}_proj/kernel    [D, F]  ('embed', 'mlp')
+    layers_{i}/mlp/down_proj/kernel         [F, D]  ('mlp', 'embed')
+    final_norm/scale                        [D]     ('norm',)
+    lm_head/kernel                          [D, V]  ('embed', 'vocab')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _as_dtype(value: Any, field: str) -> Any:
+    if isinstance(value, str):
+        if value not in DTYPES:
+            raise ValueError(f"{field}={value!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shapes and numerics of the model.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters;
+    either may be given as a string ("float32", "bfloat16"). `remat` is "none" or
+    one of REMAT_POLICIES (True means "full").
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_heads: int = 4
+    num_layers: int = 4
+    max_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: Any = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"head dimension hidden_size/num_heads={self.hidden_size // self.num_heads} must be even for "
+                "rotary embeddings")
+        object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
+        remat = {True: "full", False: "none"}.get(self.remat, self.remat)
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
+        object.__setattr__(self, "remat", remat)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    """Closed-form number of parameters: embeddings, L blocks, final norm, LM head."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    return v * d + cfg.num_layers * per_layer + d + d * v
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotates query/key features by position (RoPE, rotate-half convention).
+
+    Feature pair (i, i + d/2) at position p is rotated by the angle
+    p * theta^(-2i/d), so the dot product of a rotated query and key depends only
+    on their relative position.
+
+    Args:
+      x: [batch, seq, heads, head_dim] queries or keys; head_dim even.
+      positions: [seq] integer positions.
+      theta: the base of the geometric frequency sequence.
+    Returns:
+      [batch, seq, heads, head_dim], same dtype as `x` (angles in float32).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [seq, half]
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _dense(features: int, axes: tuple[str, str], cfg: LlamaConfig, name: str) -> nn.Dense:
+    init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+    return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=init, name=name)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32. x: [..., D] -> [..., D]."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary embeddings. [B, T, D] -> [B, T, D]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        b, t, d = x.shape
+        heads = (b, t, cfg.num_heads, cfg.head_dim)
+        q = _dense(d, ("embed", "joined_kv"), cfg, "q_proj")(x).reshape(heads)
+        k = _dense(d, ("embed", "joined_kv"), cfg, "k_proj")(x).reshape(heads)
+        v = _dense(d, ("embed", "joined_kv"), cfg, "v_proj")(x).reshape(heads)
+        positions = jnp.arange(t)
+        q = rotary_embedding(q, positions, cfg.rope_theta)
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # softmax in float32
+        return _dense(d, ("joined_kv", "embed"), cfg, "o_proj")(out.reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)). [B, T, D] -> [B, T, D]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "up_proj")(x)
+        return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        x = x + Attention(cfg, name="attn")(norm("attn_norm")(x))
+        return x + SwiGLU(cfg, name="mlp")(norm("mlp_norm")(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. tokens: int [B, T] with T <= max_len -> logits float32 [B, T, V]."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        if tokens.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len}")
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+                         name="embed")
+        x = embed(tokens)
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+        for i in range(cfg.num_layers):
+            x = block(cfg, name=f"layers_{i}")(x)
+        x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+        logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
+        return logits.astype(jnp.float32)

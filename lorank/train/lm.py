@@ -1,0 +1,97 @@
+"""Language-model pieces for the generic loop: next-token loss, the task, sampling."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lorank.data import text
+from lorank.models import llama
+from lorank.train.loop import LoopConfig, Task
+
+
+def build_llama(config) -> llama.Llama:
+    """The model of `config.model`, checked against `config.data.seq_len`."""
+    if config.data.seq_len > config.model.max_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+    return llama.Llama(llama.LlamaConfig(**config.model.to_dict()))
+
+
+def next_token_loss(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:
+    """(params, sequences int [B, T+1]) -> mean cross-entropy (nats/token) of predicting x[1:] from x[:-1]."""
+
+    def loss_fn(params, sequences):
+        logits = model.apply({"params": params}, sequences[:, :-1])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, sequences[:, 1:])
+        return jnp.mean(losses)
+
+    return loss_fn
+
+
+def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray, loop: LoopConfig, *,
+                 seq_len: int, eval_batches: int, data_seed: int = 0) -> Task:
+    """A `Task` training `model` on random windows of `train_tokens`, evaluated on `val_tokens`.
+
+    Evaluation uses the first `eval_batches` global batches of consecutive
+    validation windows (all of them if fewer exist).
+    """
+    sampler = text.SequenceSampler(train_tokens, seq_len, loop.batch_size, seed=data_seed)
+    val = text.eval_sequences(val_tokens, seq_len)
+    usable = (len(val) // loop.micro_batch) * loop.micro_batch
+    if usable == 0:
+        raise ValueError(f"validation split gives {len(val)} windows of {seq_len + 1} tokens, fewer than the "
+                         f"micro-batch {loop.micro_batch}")
+    val = val[: min(usable, eval_batches * loop.micro_batch)]
+
+    def init_params(key):
+        return model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+    return Task(
+        init_params=init_params,
+        loss_fn=next_token_loss(model),
+        train_batch=sampler.batch,
+        eval_batches=lambda: np.split(val, len(val) // loop.micro_batch),
+        items_per_step=loop.batch_size * seq_len,
+        item_name="tokens",
+    )
+
+
+def generate(model: nn.Module, params, prompt: np.ndarray, length: int, *, key: jax.Array,
+             temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
+    """Samples `length` tokens after `prompt` (int [P]) -> int [P + length].
+
+    The context is the last `max_len` tokens; every step reruns the model on a
+    fixed-size window so one compiled step serves the whole generation.
+    temperature 0 means greedy decoding; top_k > 0 samples among the k likeliest.
+    """
+    max_len = model.cfg.max_len
+    if len(prompt) == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    window = min(max_len, len(prompt) + length)
+
+    @jax.jit
+    def next_token(params, buf, filled, key):
+        # buf: [window] holds the last `filled` tokens left-aligned.
+        logits = model.apply({"params": params}, buf[None, :])[0, filled - 1]
+        if top_k > 0:
+            kth = jax.lax.top_k(logits, top_k)[0][-1]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        greedy = jnp.argmax(logits)
+        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+        return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+    tokens = [int(t) for t in prompt]
+    for i in range(length):
+        context = tokens[-window:]
+        buf = np.zeros(window, np.int32)
+        buf[: len(context)] = context
+        token = next_token(params, jnp.asarray(buf), len(context), jax.random.fold_in(key, i))
+        tokens.append(int(token))
+    return np.asarray(tokens, np.int32)

@@ -1,0 +1,119 @@
+"""The LLaMA-style model: causality, parameter count, rotary embeddings, options, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lorank.models import llama
+
+SMALL = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2,
+                          max_len=16)
+
+
+def _init(cfg, seq=12):
+    model = llama.Llama(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, seq), jnp.int32))["params"])
+    return model, params
+
+
+def test_changing_token_t_never_changes_logits_before_t():
+    model, params = _init(SMALL)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, SMALL.vocab_size)
+    base = model.apply({"params": params}, tokens)
+    for t in (0, 5, 11):
+        changed = tokens.at[:, t].set((tokens[:, t] + 7) % SMALL.vocab_size)
+        out = model.apply({"params": params}, changed)
+        np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(base[:, :t]))
+        assert not np.allclose(out[:, t], base[:, t])  # the position itself does see the change
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 48, 4, 2), (256, 192, 512, 6, 3), (1000, 48, 100, 2, 1)])
+def test_parameter_count_matches_closed_form(shape):
+    v, d, f, h, n_layers = shape
+    cfg = llama.LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_heads=h, num_layers=n_layers)
+    abstract = jax.eval_shape(lambda k: llama.Llama(cfg).init(k, jnp.zeros((1, 4), jnp.int32)), jax.random.key(0))
+    counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract["params"])))
+    # Written out by hand: embedding + per layer (q,k,v,o + gate,up,down + 2 norms) + final norm + head.
+    expected = v * d + n_layers * (4 * d * d + 3 * d * f + 2 * d) + d + d * v
+    assert counted == expected == llama.param_count(cfg)
+
+
+def _rope_reference(x, positions, theta):
+    """float64 NumPy RoPE: pair (i, i + d/2) rotated by angle p * theta^(-2i/d)."""
+    x = np.asarray(x, np.float64)
+    half = x.shape[-1] // 2
+    out = np.empty_like(x)
+    for p_idx, p in enumerate(positions):
+        for i in range(half):
+            angle = p * theta ** (-2.0 * i / x.shape[-1])
+            c, s = np.cos(angle), np.sin(angle)
+            a, b = x[:, p_idx, :, i], x[:, p_idx, :, i + half]
+            out[:, p_idx, :, i] = a * c - b * s
+            out[:, p_idx, :, i + half] = b * c + a * s
+    return out
+
+
+def test_rotary_embedding_matches_numpy_float64_reference():
+    x = np.random.default_rng(0).normal(size=(2, 9, 3, 8))
+    positions = np.arange(9) * 37  # large positions stress the angle computation
+    got = llama.rotary_embedding(jnp.asarray(x, jnp.float32), jnp.asarray(positions), 10000.0)
+    np.testing.assert_allclose(np.asarray(got), _rope_reference(x, positions, 10000.0), rtol=2e-5, atol=2e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(1, 1, 1, 16)), rng.normal(size=(1, 1, 1, 16))
+    rot = lambda x, p: np.asarray(llama.rotary_embedding(jnp.asarray(x, jnp.float32), jnp.asarray([p])))
+    score = lambda pq, pk: float(np.sum(rot(q, pq) * rot(k, pk)))
+    assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    model, params = _init(SMALL)
+    remat_model = llama.Llama(llama.LlamaConfig(**{**SMALL.__dict__, "remat": "full"}))
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, SMALL.vocab_size)
+    loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
+    g1 = jax.grad(loss(model))(params)
+    g2 = jax.grad(loss(remat_model))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits():
+    cfg16 = llama.LlamaConfig(**{**SMALL.__dict__, "dtype": "bfloat16"})
+    model, params = _init(SMALL)
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, SMALL.vocab_size)
+    out32 = llama.Llama(SMALL).apply({"params": params}, tokens)
+    out16 = llama.Llama(cfg16).apply({"params": params}, tokens)
+    assert out16.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    np.testing.assert_allclose(np.asarray(out16), np.asarray(out32), atol=0.05)
+
+
+def test_parameters_carry_logical_axes():
+    boxed = llama.Llama(SMALL).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert tuple(specs["layers_0"]["attn"]["q_proj"]["kernel"]) == ("embed", "joined_kv")
+    assert tuple(specs["layers_1"]["mlp"]["down_proj"]["kernel"]) == ("mlp", "embed")
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden_size": 30, "num_heads": 4}, "hidden_size=30"),
+    ({"hidden_size": 12, "num_heads": 4}, "head dimension"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"dtype": "float8"}, "float8"),
+    ({"remat": "sometimes"}, "sometimes"),
+])
+def test_bad_config_is_rejected_with_the_value_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llama.LlamaConfig(**kwargs)
+
+
+def test_too_long_sequence_is_rejected():
+    model, params = _init(SMALL)
+    with pytest.raises(ValueError, match="max_len=16"):
+        model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
