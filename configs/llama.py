@@ -59,6 +59,9 @@ def _base() -> ConfigDict:
     c.mesh.fsdp = 1  # fully-sharded data-parallel ways
     c.mesh.tensor = 1  # tensor-parallel ways
 
+    c.analysis = ConfigDict()
+    c.analysis.grad_rank = False  # record per-layer-kind gradient stable rank at every evaluation
+
     c.sample = ConfigDict()
     c.sample.prompt = "ROMEO:"  # text the sample printed at the end starts from
     c.sample.length = 200  # tokens generated
@@ -87,6 +90,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         c.train.checkpoint_every = 6
         c.optim.warmup_steps = 2
         c.sample.length = 16
+        c.analysis.grad_rank = True
     else:
         raise ValueError(f"unknown variant {arg!r} of configs/llama.py; expected tiny or smoke")
     return c

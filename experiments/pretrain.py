@@ -2,9 +2,10 @@
 
     python -m experiments.pretrain --config configs/llama.py:tiny --workdir runs/tiny
 
-Prints progress, writes metrics.jsonl, loss.png, config.json and orbax
-checkpoints to the workdir, resumes from the newest checkpoint there, and ends
-with a sample from the trained model.
+Prints progress, writes metrics.jsonl, loss.png (and grad_stable_rank.png with
+--config.analysis.grad_rank=True), config.json and orbax checkpoints to the
+workdir, resumes from the newest checkpoint there, and ends with a sample from
+the trained model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run(config: ConfigDict, workdir: str, *, stop_at: int | None = None, log=pri
     tokens = tokenizer.encode(text.read_corpus(config.data.corpus))
     train_tokens, val_tokens = text.train_val_split(tokens, config.data.val_fraction)
     task = lm.make_lm_task(model, train_tokens, val_tokens, loop_config, seq_len=config.data.seq_len,
-                           eval_batches=config.train.eval_batches, data_seed=config.data.seed)
+                           eval_batches=config.train.eval_batches, data_seed=config.data.seed,
+                           track_grad_rank=config.analysis.grad_rank)
     loop_lib.check_workdir_config(config, workdir)
 
     log(f"model: {llama.param_count(model.cfg):,} parameters | corpus: {len(train_tokens):,} train / "
@@ -47,8 +49,13 @@ def run(config: ConfigDict, workdir: str, *, stop_at: int | None = None, log=pri
     state, history = loop_lib.run(task, tx, loop_config, mesh, workdir, stop_at=stop_at, log=log,
                                   scalars=optimizers.lr_scalars(schedule))
     elapsed = time.perf_counter() - start
-    curves.plot_metrics(os.path.join(workdir, loop_lib.METRICS_FILE), os.path.join(workdir, "loss.png"),
-                        title=f"{model.cfg.num_layers}-layer LLaMA, {llama.param_count(model.cfg):,} params")
+    metrics_path = os.path.join(workdir, loop_lib.METRICS_FILE)
+    title = f"{model.cfg.num_layers}-layer LLaMA, {llama.param_count(model.cfg):,} params"
+    curves.plot_metrics(metrics_path, os.path.join(workdir, "loss.png"), title=title)
+    if config.analysis.grad_rank:
+        keys = curves.metric_keys(curves.read_metrics(metrics_path), "grad_stable_rank/")
+        curves.plot_metrics(metrics_path, os.path.join(workdir, "grad_stable_rank.png"), keys=keys,
+                            ylabel="gradient stable rank (mean over layers)", title=title, logy=True)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     summary = {"steps": int(jax.device_get(state.step)), "seconds": elapsed,
                "params": llama.param_count(model.cfg), "final_eval_loss": evals[-1] if evals else None,

@@ -28,10 +28,13 @@ def test_pretrain_writes_metrics_plot_checkpoint_and_samples(tmp_path):
     assert summary["final_eval_loss"] < 5.3  # below ln 256 = 5.55 after a few steps
     assert any(ln.startswith("model: 37,024 parameters") for ln in lines)
     assert any("tokens/s" in ln and "ETA" in ln for ln in lines)
-    for name in ("metrics.jsonl", "loss.png", "config.json", "checkpoints"):
+    for name in ("metrics.jsonl", "loss.png", "grad_stable_rank.png", "config.json", "checkpoints"):
         assert os.path.exists(os.path.join(workdir, name)), name
     records = [json.loads(x) for x in open(os.path.join(workdir, loop.METRICS_FILE))]
-    assert records[0] == {"step": 0, "eval_loss": pytest.approx(5.55, abs=0.1)}
+    assert records[0]["step"] == 0 and records[0]["eval_loss"] == pytest.approx(5.55, abs=0.1)
+    for kind in ("attention", "mlp", "embedding", "lm_head"):  # smoke tracks gradient ranks
+        rank = records[0][f"grad_stable_rank/{kind}"]
+        assert 1.0 <= rank <= 32  # a stable rank lies in [1, min(m, n)]
     assert summary["sample"].startswith("ROMEO:") and len(summary["sample"].encode()) >= 6 + 16 - 3
     # experiments.sample reproduces the end-of-training sample from the checkpoint
     c = smoke_config().sample

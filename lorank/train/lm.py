@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorank.analysis import grad_rank
 from lorank.data import text
 from lorank.models import llama
 from lorank.train.loop import LoopConfig, Task
@@ -33,12 +34,25 @@ def next_token_loss(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:
     return loss_fn
 
 
+def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray) -> Callable[[dict], dict[str, jax.Array]]:
+    """params -> {"grad_stable_rank/<group>": mean stable rank of that layer kind's gradients on `probe_batch`}."""
+    probe_batch = jnp.asarray(probe_batch)
+
+    def probe(params):
+        grads = jax.grad(loss_fn)(params, probe_batch)
+        return {f"grad_stable_rank/{k}": v for k, v in grad_rank.group_stable_ranks(grads).items()}
+
+    return probe
+
+
 def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray, loop: LoopConfig, *,
-                 seq_len: int, eval_batches: int, data_seed: int = 0) -> Task:
+                 seq_len: int, eval_batches: int, data_seed: int = 0, track_grad_rank: bool = False) -> Task:
     """A `Task` training `model` on random windows of `train_tokens`, evaluated on `val_tokens`.
 
     Evaluation uses the first `eval_batches` global batches of consecutive
-    validation windows (all of them if fewer exist).
+    validation windows (all of them if fewer exist). With `track_grad_rank`,
+    every evaluation also records the gradient stable rank per layer kind on the
+    first validation micro-batch.
     """
     sampler = text.SequenceSampler(train_tokens, seq_len, loop.batch_size, seed=data_seed)
     val = text.eval_sequences(val_tokens, seq_len)
@@ -51,13 +65,15 @@ def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndar
     def init_params(key):
         return model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
+    loss_fn = next_token_loss(model)
     return Task(
         init_params=init_params,
-        loss_fn=next_token_loss(model),
+        loss_fn=loss_fn,
         train_batch=sampler.batch,
         eval_batches=lambda: np.split(val, len(val) // loop.micro_batch),
         items_per_step=loop.batch_size * seq_len,
         item_name="tokens",
+        probes=gradient_rank_probe(loss_fn, val[: loop.micro_batch]) if track_grad_rank else None,
     )
 
 

@@ -68,6 +68,8 @@ class Task:
         loss is reported as `eval_loss`. None: no evaluation.
       items_per_step: items (e.g. tokens) in one global batch, for throughput.
       item_name: what an item is, for the progress line.
+      probes: params -> {name: scalar}, measured at every evaluation (e.g.
+        gradient stable ranks); jitted by the loop with the parameters' shardings.
     """
 
     init_params: Callable[[jax.Array], Any]
@@ -76,6 +78,7 @@ class Task:
     eval_batches: Callable[[], Iterable[np.ndarray]] | None = None
     items_per_step: int = 0
     item_name: str = "tokens"
+    probes: Callable[[Any], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,9 +347,14 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
                          out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     eval_loss = jax.jit(task.loss_fn, in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)))
 
-    def evaluate(params) -> float:
+    probes = jax.jit(task.probes, in_shardings=(param_shardings,)) if task.probes else None
+
+    def evaluate(params) -> dict[str, float]:
         losses = [eval_loss(params, _to_global(b, mesh_lib.batch_sharding(mesh))) for b in task.eval_batches()]
-        return float(np.mean(jax.device_get(losses)))
+        results = {"eval_loss": float(np.mean(jax.device_get(losses)))}
+        if probes is not None:
+            results.update({k: float(v) for k, v in jax.device_get(probes(params)).items()})
+        return results
 
     def record(entry: dict) -> None:
         history.append(entry)
@@ -358,7 +366,7 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
     step = int(jax.device_get(state.step))
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
     if step == 0 and task.eval_batches is not None and end > 0:
-        record({"step": 0, "eval_loss": evaluate(state.params)})
+        record({"step": 0, **evaluate(state.params)})
     while step < end:
         host = task.train_batch(step)
         host = host.reshape(loop.grad_accum, loop.micro_batch, *host.shape[1:])
@@ -373,7 +381,7 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
             entry = {"step": step, **metrics, **progress.update(step, metrics["loss"])}
             entry.update(scalars(step - 1) if scalars else {})
             if do_eval:
-                entry["eval_loss"] = evaluate(state.params)
+                entry.update(evaluate(state.params))
                 log(f"step {step}/{loop.steps} | eval_loss {entry['eval_loss']:.4f}")
                 progress.mark_time = time.perf_counter()  # throughput excludes evaluation
             record(entry)
