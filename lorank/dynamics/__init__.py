@@ -1,0 +1,7 @@
+"""Training dynamics as jit-compiled simulators, one module per theory.
+
+solve.py          the one wrapper over diffrax: solve(field, y0, t1, ...)
+linear_cl.py      deep linear contrastive learning is PCA of X_alpha
+one_layer.py      one-layer nonlinear contrastive dynamics dw/dt = P_w^perp A(w) w
+low_rank_grad.py  low-rank gradients of reversible networks; GaLore on sum A - B W C
+"""

@@ -1,0 +1,125 @@
+"""Image folders packed in a tar archive (CIFAR-10 as JPEGs), decoded once and cached.
+
+The archive holds `<split>/<class>/<name>.jpg` (an optional leading directory is
+allowed). Classes are numbered in sorted order of their names. A subset keeps the
+first `max_per_class` files of each class in sorted file-name order, so it is the
+same on every machine. Decoded arrays are cached as uint8 npz files under
+`$LORANK_CACHE` (default `~/.cache/lorank`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pathlib
+import tarfile
+import zlib
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def cache_dir() -> pathlib.Path:
+    """`$LORANK_CACHE` or `~/.cache/lorank`."""
+    return pathlib.Path(os.environ.get("LORANK_CACHE", pathlib.Path.home() / ".cache" / "lorank"))
+
+
+def load_image_folder_tar(path: str | os.PathLike, split: str, max_per_class: int | None = None,
+                          *, image_size: tuple[int, int] = (32, 32),
+                          cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Loads one split of a class-per-folder image archive.
+
+    Args:
+      path: the .tar / .tar.gz archive.
+      split: top-level folder, e.g. "train" or "test".
+      max_per_class: keep at most this many images per class (None: all).
+      image_size: expected (height, width); every image must have it.
+      cache: read and write the npz cache.
+
+    Returns:
+      (images uint8 [N, H, W, 3], labels int32 [N]) ordered by class, then file name.
+
+    Raises:
+      FileNotFoundError: the archive does not exist (named in the message).
+      ValueError: a corrupt archive or image (named), an unknown split, a bad size.
+    """
+    path = pathlib.Path(path)
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f"max_per_class={max_per_class} must be >= 1 or None")
+    if not path.is_file():
+        raise FileNotFoundError(f"image archive {path} not found")
+    cached = _cache_path(path, split, max_per_class, image_size)
+    if cache and cached.is_file():
+        try:
+            with np.load(cached) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError, zlib.error):
+            cached.unlink(missing_ok=True)  # a broken cache is rebuilt from the archive
+    members = _read_split(path, split)
+    classes = sorted(members)
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(members[name])
+        for fname in files[:max_per_class]:
+            images.append(_decode(members[name][fname], f"{path}:{split}/{name}/{fname}",
+                                  image_size))
+            labels.append(label)
+    out = (np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int32))
+    if cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, images=out[0], labels=out[1], classes=np.asarray(classes))
+        tmp.replace(cached)
+    return out
+
+
+def class_names(path: str | os.PathLike, split: str) -> list[str]:
+    """Sorted class names of a split (label i is the i-th name)."""
+    return sorted(_read_split(pathlib.Path(path), split))
+
+
+def _cache_path(path: pathlib.Path, split: str, max_per_class: int | None,
+                size: tuple[int, int]) -> pathlib.Path:
+    stat = path.stat()
+    stem = path.name.split(".")[0]
+    tag = f"{stem}-{stat.st_size}-{int(stat.st_mtime)}-{split}-{max_per_class or 'all'}"
+    return cache_dir() / f"{tag}-{size[0]}x{size[1]}.npz"
+
+
+def _read_split(path: pathlib.Path, split: str) -> dict[str, dict[str, bytes]]:
+    """{class: {file name: encoded bytes}} for one split, in one streaming pass."""
+    found: dict[str, dict[str, bytes]] = {}
+    splits: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                parts = pathlib.PurePosixPath(member.name).parts
+                if len(parts) < 3:
+                    continue
+                member_split, cls, fname = parts[-3], parts[-2], parts[-1]
+                splits.add(member_split)
+                if member_split != split:
+                    continue
+                found.setdefault(cls, {})[fname] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"corrupt image archive {path}: {e}") from e
+    if not found:
+        raise ValueError(f"split {split!r} not found in {path}; it holds {sorted(splits)}")
+    return found
+
+
+def _decode(data: bytes, where: str, size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"corrupt image {where}: {e}") from e
+    if arr.shape[:2] != tuple(size):
+        raise ValueError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}, expected "
+                         f"{size[1]}x{size[0]}")
+    return arr
