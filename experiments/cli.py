@@ -10,6 +10,7 @@ through their `run(config, workdir, ...)` functions).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from absl import app, flags, logging
@@ -26,6 +27,9 @@ def launch(run: Callable[..., object], default_config: str, *, resumable: bool =
     workdir = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and figures.",
                                   required=True)
     stop_at = flags.DEFINE_integer("stop_at", None, "Stop after this step; rerun to resume.") if resumable else None
+
+    # jaxlib's CPU SVD/QR (GaLore refreshes) call OpenBLAS, whose threads fight XLA's; read at first use.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     def main(argv):
         if len(argv) > 1:

@@ -6,6 +6,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# jaxlib's CPU SVD/QR call OpenBLAS, whose threads fight XLA's for the cores (100x slower SVDs).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pathlib  # noqa: E402
 

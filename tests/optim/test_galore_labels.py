@@ -1,0 +1,54 @@
+"""Path-based parameter selection, on the real LLaMA parameter tree."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorank.models.llama import Llama, LlamaConfig
+from lorank.optim import (galore_adamw, label_by_path, llama_galore_labels, llama_galore_mask, mask_by_path,
+                          tree_nbytes)
+from lorank.optim.labels import path_str
+
+
+def llama_params(layers=2):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=2, num_layers=layers,
+                      max_len=16)
+    boxed = jax.eval_shape(lambda: Llama(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    return nn.meta.unbox(boxed)["params"]
+
+
+def selected_paths(mask):
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    return sorted(path_str(p) for p, v in flat if v)
+
+
+def test_llama_mask_selects_attention_and_mlp_kernels_only():
+    params = llama_params(layers=2)
+    expected = sorted(f"layers_{i}/{m}/{k}_proj/kernel" for i in range(2)
+                      for m, ks in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for k in ks)
+    assert selected_paths(llama_galore_mask(params)) == expected
+    # also under a {"params": ...} wrapper
+    assert len(selected_paths(llama_galore_mask({"params": params}))) == 14
+    labels = jax.tree.leaves(llama_galore_labels(params))
+    assert labels.count("galore") == 14 and labels.count("adamw") == len(labels) - 14
+
+
+def test_galore_with_llama_mask_projects_only_selected_kernels():
+    params = llama_params(layers=1)
+    tx = galore_adamw(1e-3, rank=8, galore_mask=llama_galore_mask)
+    state = jax.eval_shape(tx.init, params)[0]
+    is_proj = lambda x: isinstance(x, optax.MaskedNode) or hasattr(x, "refreshes")  # noqa: E731
+    projected = [path_str(p) for p, v in jax.tree_util.tree_flatten_with_path(state.projectors, is_leaf=is_proj)[0]
+                 if not isinstance(v, optax.MaskedNode)]
+    assert sorted(projected) == selected_paths(llama_galore_mask(params))
+    assert state.inner_state.mu["embed"]["embedding"].shape == (64, 32)  # full-rank AdamW
+    assert state.inner_state.mu["layers_0"]["mlp"]["down_proj"]["kernel"].shape == (48, 8)  # [F, D] std: right
+    assert tree_nbytes(state) < tree_nbytes(jax.eval_shape(optax.adam(1e-3).init, params))
+
+
+def test_mask_and_label_by_path():
+    tree = {"a": {"kernel": jnp.zeros(2), "bias": jnp.zeros(2)}, "b": [jnp.zeros(1), jnp.zeros(1)]}
+    assert mask_by_path(tree, r".*/kernel") == {"a": {"kernel": True, "bias": False}, "b": [False, False]}
+    assert label_by_path(tree, [(r"b/\d+", "list"), (r"a/.*", "a")], "other") == {
+        "a": {"kernel": "a", "bias": "a"}, "b": ["list", "list"]}
