@@ -3,7 +3,7 @@
     python -m experiments.pretrain --config configs/llama.py:tiny --workdir runs/tiny
     python -m experiments.pretrain --config configs/llama.py:smoke --workdir runs/smoke --config.train.steps=20
 
-Variants: `tiny` (the main job: 1.87M parameters, 300 steps of 32 x 128 bytes), `smoke`
+Variants: `tiny` (the main job: 1.87M parameters, 250 steps of 32 x 128 bytes), `smoke`
 (seconds; used by the tests).
 """
 
@@ -33,7 +33,7 @@ def _base() -> ConfigDict:
     c.data.seed = 0  # seed of the per-epoch window offsets and shuffling
 
     c.train = ConfigDict()
-    c.train.steps = 300  # optimizer steps
+    c.train.steps = 250  # optimizer steps
     c.train.batch_size = 32  # sequences per optimizer step (global)
     c.train.grad_accum = 1  # micro-batches per optimizer step
     c.train.log_every = 25  # steps between progress lines and metric records
@@ -46,7 +46,7 @@ def _base() -> ConfigDict:
     c.optim = ConfigDict()
     c.optim.name = "adamw"  # adamw or sgd
     c.optim.lr = 3e-3  # peak learning rate
-    c.optim.warmup_steps = 30  # linear warmup steps from 0
+    c.optim.warmup_steps = 25  # linear warmup steps from 0
     c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     c.optim.b1 = 0.9  # Adam beta1 (momentum for sgd)
     c.optim.b2 = 0.99  # Adam beta2
