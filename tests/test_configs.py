@@ -3,6 +3,7 @@
 import ast
 import importlib
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -47,9 +48,21 @@ def test_every_config_field_has_a_comment():
                         assert "#" in line, f"{path.name}:{stmt.lineno} has no comment: {line.strip()}"
 
 
+def missing_data(config) -> str | None:
+    """Why `config` cannot run here: the CIFAR-10 archive it reads is absent (None if nothing is missing)."""
+    if "cifar" not in config or not config.get("use_cifar", True):
+        return None
+    root = pathlib.Path(os.environ.get("LORANK_DATA", REPO.parent / "shared" / "data"))
+    archive = pathlib.Path(config.cifar.path) if config.cifar.path else root / "cifar10-jpeg.tar.gz"
+    return None if archive.exists() else f"CIFAR-10 archive {archive} not found; set LORANK_DATA"
+
+
 @pytest.mark.parametrize("path, variant, experiment", list(smoke_runs()))
 def test_smoke_variant_runs(path, variant, experiment, tmp_path):
     config = load(path).get_config(variant)
+    reason = missing_data(config)
+    if reason:
+        pytest.skip(reason)
     importlib.import_module(experiment).run(config, str(tmp_path))
     assert any(tmp_path.iterdir()), f"{experiment} wrote nothing to its workdir"
 
