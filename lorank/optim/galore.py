@@ -658,6 +658,17 @@ def scale_by_galore(
 # --------------------------------------------------------------------------- optimizers
 
 
+# Keyword options every optimizer factory passes through to `scale_by_galore` unchanged.
+_GALORE_OPTIONS = ("galore_mask", "matrix_axes", "svd", "oversample", "power_iters", "seed", "align_signs",
+                   "reproject_moments", "lazy_threshold", "lazy_patience", "max_update_proj_gap",
+                   "projector_dtype", "precision")
+
+
+def _galore_options(factory_locals: dict) -> dict:
+    """The `scale_by_galore` keyword options among a factory's arguments."""
+    return {name: factory_locals[name] for name in _GALORE_OPTIONS}
+
+
 def _with_decay_and_lr(galore: optax.GradientTransformation, learning_rate: Any, weight_decay: Any,
                        mask: Any) -> optax.GradientTransformation:
     """galore -> decoupled weight decay in full parameter space -> -learning_rate."""
@@ -711,11 +722,7 @@ def galore_adamw(
     _check_range("b2", b2, 0.0, 1.0)
     _check_range("eps", eps, 0.0, math.inf)
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-    galore = scale_by_galore(
-        rank, update_proj_gap, scale, proj_type, inner, galore_mask=galore_mask, matrix_axes=matrix_axes,
-        svd=svd, oversample=oversample, power_iters=power_iters, seed=seed, align_signs=align_signs,
-        reproject_moments=reproject_moments, lazy_threshold=lazy_threshold, lazy_patience=lazy_patience,
-        max_update_proj_gap=max_update_proj_gap, projector_dtype=projector_dtype, precision=precision)
+    galore = scale_by_galore(rank, update_proj_gap, scale, proj_type, inner, **_galore_options(locals()))
     return _with_decay_and_lr(galore, learning_rate, weight_decay, mask)
 
 
@@ -756,11 +763,7 @@ def galore_adamw_8bit(
     _check_range("b2", b2, 0.0, 1.0)
     _check_range("eps", eps, 0.0, math.inf)
     inner = q8.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, block_size=block_size, min_size=min_size)
-    galore = scale_by_galore(
-        rank, update_proj_gap, scale, proj_type, inner, galore_mask=galore_mask, matrix_axes=matrix_axes,
-        svd=svd, oversample=oversample, power_iters=power_iters, seed=seed, align_signs=align_signs,
-        reproject_moments=reproject_moments, lazy_threshold=lazy_threshold, lazy_patience=lazy_patience,
-        max_update_proj_gap=max_update_proj_gap, projector_dtype=projector_dtype, precision=precision)
+    galore = scale_by_galore(rank, update_proj_gap, scale, proj_type, inner, **_galore_options(locals()))
     return _with_decay_and_lr(galore, learning_rate, weight_decay, mask)
 
 
@@ -821,12 +824,8 @@ def galore_adafactor(
         parts.append(optax.clip_by_block_rms(clipping_threshold))
     if momentum is not None:
         parts.append(optax.trace(decay=momentum))
-    galore = scale_by_galore(
-        rank, update_proj_gap, scale, proj_type, optax.chain(*parts), galore_mask=galore_mask,
-        matrix_axes=matrix_axes, svd=svd, oversample=oversample, power_iters=power_iters, seed=seed,
-        align_signs=align_signs, reproject_moments=reproject_moments, lazy_threshold=lazy_threshold,
-        lazy_patience=lazy_patience, max_update_proj_gap=max_update_proj_gap,
-        projector_dtype=projector_dtype, precision=precision)
+    galore = scale_by_galore(rank, update_proj_gap, scale, proj_type, optax.chain(*parts),
+                             **_galore_options(locals()))
     return _with_decay_and_lr(galore, learning_rate, weight_decay, mask)
 
 
