@@ -3,12 +3,13 @@
 import ast
 import importlib
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from experiments.dynamics_linear_cl import cifar_path
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -52,8 +53,7 @@ def missing_data(config) -> str | None:
     """Why `config` cannot run here: the CIFAR-10 archive it reads is absent (None if nothing is missing)."""
     if "cifar" not in config or not config.get("use_cifar", True):
         return None
-    root = pathlib.Path(os.environ.get("LORANK_DATA", REPO.parent / "shared" / "data"))
-    archive = pathlib.Path(config.cifar.path) if config.cifar.path else root / "cifar10-jpeg.tar.gz"
+    archive = cifar_path(config.cifar.path)
     return None if archive.exists() else f"CIFAR-10 archive {archive} not found; set LORANK_DATA"
 
 

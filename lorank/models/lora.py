@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# attention and MLP kernels of lorank.models.llama: layers_{i}/attn/{q,k,v,o}_proj/kernel,
-# layers_{i}/mlp/{gate,up,down}_proj/kernel (any prefix, e.g. "params/").
-LLAMA_PROJECTIONS = r"(^|.*/)layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+from lorank.optim.labels import LLAMA_GALORE_PATTERN
+
+# attention and MLP kernels of lorank.models.llama (any prefix): the matrices GaLore projects too.
+LLAMA_PROJECTIONS = LLAMA_GALORE_PATTERN
 
 LOWRANK_KEYS = ("lowrank_a", "lowrank_b")
 LORA_KEYS = ("lora_base", "lora_a", "lora_b")
@@ -119,18 +120,6 @@ def _check_rank(rank: Any, shape: tuple[int, int], path: str) -> None:
 
 def _leaf_key(key: jax.Array, index: int) -> jax.Array:
     return jax.random.fold_in(key, index)
-
-
-def projection_mask(params: Any, pattern: str = LLAMA_PROJECTIONS) -> Any:
-    """True at leaves whose 'a/b/c' path fully matches `pattern` (the kernels that get factored)."""
-    regex = re.compile(pattern)
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            return {k: walk(v, f"{prefix}/{k}" if prefix else str(k)) for k, v in node.items()}
-        return regex.fullmatch(prefix) is not None
-
-    return walk(params, "")
 
 
 # ----------------------------------------------------------------------------- low-rank factorization
