@@ -8,26 +8,32 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from lorank.data import text
-from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, optimizers
+from lorank.data import tokenizers
+from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods
+
 
 def load_params(workdir: str):
-    """(model, params) of the newest checkpoint in `workdir`, on one device."""
+    """(config, model, full-rank params) of the newest checkpoint in `workdir`, on one device.
+
+    Factored methods' parameters are exported (LoRA merged, factors multiplied out).
+    """
     config = loop_lib.load_workdir_config(workdir)
     model = lm.build_llama(config)
-    tx, _ = optimizers.build_optimizer(config.optim, config.train.steps)
+    shapes_only = loop_lib.Task(init_params=lm.init_params_fn(model), loss_fn=lm.next_token_loss(model),
+                                train_batch=lambda step: None)
+    method = methods.build_method(config, shapes_only)
     mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    init_params = lambda key: model.init(key, jax.numpy.zeros((1, 1), jax.numpy.int32))["params"]
-    _, abstract_state, shardings = loop_lib.state_layout(init_params, tx, mesh, jax.random.key(0))
+    _, abstract_state, shardings = loop_lib.state_layout(method.task.init_params, method.tx, mesh,
+                                                         jax.random.key(0))
     state = loop_lib.restore_latest(workdir, abstract_state, shardings)
-    return model, state.params
+    return config, model, method.export(state.params)
 
 
 def sample(workdir: str, prompt: str, length: int, *, temperature: float = 0.8, top_k: int = 0,
            seed: int = 0) -> str:
-    """The prompt followed by `length` generated characters (bytes), decoded."""
-    model, params = load_params(workdir)
-    tokenizer = text.ByteTokenizer()
+    """The prompt followed by `length` generated tokens, decoded with the run's tokenizer."""
+    config, model, params = load_params(workdir)
+    tokenizer = tokenizers.make_tokenizer(config.data.get("tokenizer", "byte"))
     out = lm.generate(model, params, tokenizer.encode(prompt), length, key=jax.random.key(seed),
                       temperature=temperature, top_k=top_k)
     return tokenizer.decode(out)

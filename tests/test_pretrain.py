@@ -66,3 +66,63 @@ def test_mesh_not_dividing_devices_is_rejected(tmp_path):
 def test_sampling_an_empty_workdir_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         sample.sample(str(tmp_path), "A", 3)
+
+
+def test_lora_run_samples_from_the_merged_model_and_sample_reloads_it(tmp_path):
+    config = smoke_config()
+    config.optim.name = "lora"
+    config.analysis.grad_rank = False
+    lines = []
+    summary = pretrain.run(config, str(tmp_path), log=lines.append)
+    assert summary["trainable_params"] < summary["params"]
+    assert any(ln.startswith(f"method lora: {summary['params']:,} parameters "
+                             f"({summary['trainable_params']:,} trainable)") for ln in lines)
+    c = config.sample
+    assert sample.sample(str(tmp_path), c.prompt, c.length, temperature=c.temperature, seed=c.seed) == summary["sample"]
+
+
+def test_missing_tokenizer_file_is_named_before_anything_is_written(tmp_path):
+    config = smoke_config()
+    config.data.tokenizer = str(tmp_path / "spiece.model")
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        pretrain.run(config, str(tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unprepared_tfds_dataset_names_dataset_and_data_dir(tmp_path):
+    config = smoke_config()
+    config.data.source = "tfds"
+    config.data.tfds_name = "wikitext/wikitext-2-raw-v1"
+    config.data.tfds_data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match=r"wikitext/wikitext-2-raw-v1.*data_dir=.*tfds"):
+        pretrain.run(config, str(tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "adam", "unknown optim.name='adam'"),
+    ("rank", 64, r"optim.rank=64 exceeds min\(32, 32\)=32"),
+])
+def test_bad_method_settings_are_rejected_before_anything_is_written(tmp_path, field, value, message):
+    config = smoke_config()
+    config.optim.name = "galore"
+    config.optim[field] = value
+    with pytest.raises(ValueError, match=message):
+        pretrain.run(config, str(tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_paper_configs_have_the_reference_shapes_and_recipe():
+    spec = importlib.util.spec_from_file_location("llama_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = {"60m": (512, 1376, 8, 8, 10_000, 128), "130m": (768, 2048, 12, 12, 20_000, 256),
+                 "350m": (1024, 2736, 16, 24, 60_000, 256), "1b": (2048, 5461, 32, 24, 100_000, 512),
+                 "7b": (4096, 11008, 32, 32, 150_000, 1024)}
+    for size, (d, f, heads, layers, steps, rank) in reference.items():
+        c = module.get_config(size)
+        m, o = c.model, c.optim
+        assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers) == (d, f, heads, layers)
+        assert (m.vocab_size, c.data.seq_len, c.train.batch_size, c.train.steps) == (32000, 256, 512, steps)
+        assert (o.rank, o.galore_lr, o.galore_scale, o.update_proj_gap) == (rank, 0.01, 0.25, 200)
+        assert (o.warmup_steps, o.min_lr_ratio) == (steps // 10, 0.1)

@@ -90,7 +90,7 @@ def record_text(record: Any, text_key: str = "text") -> str | bytes:
     raise TypeError(f"cannot read text from a record of type {type(record).__name__}")
 
 
-def _resolve_pad_id(tokenizer, pad_id: int | None) -> int:
+def resolve_pad_id(tokenizer, pad_id: int | None) -> int:
     if pad_id is None:
         pad_id = getattr(tokenizer, "pad_id", -1)
         if pad_id is None or pad_id < 0:
@@ -135,7 +135,7 @@ def text_sequences(source: Sequence[Any], tokenizer, seq_len: int, *, mode: str 
         tokenizer.encode(record_text(record, text_key)), np.int32)
     docs = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     if mode == "pad":
-        pad = _resolve_pad_id(tokenizer, pad_id)
+        pad = resolve_pad_id(tokenizer, pad_id)
         return docs.map(lambda record: truncate_or_pad(tokenize(record), length, pad))
     if mode == "drop":
         def keep_long(record):
@@ -155,6 +155,47 @@ def batch_fn(dataset, batch_size: int) -> Callable[[int], np.ndarray]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return lambda step: np.stack([dataset[step * batch_size + i] for i in range(batch_size)]).astype(np.int32)
+
+
+def sequential_batch_fn(make_iterator: Callable[[], Iterator[np.ndarray]], batch_size: int
+                        ) -> Callable[[int], np.ndarray]:
+    """step -> int32 [batch_size, T + 1]: elements [step * B, (step + 1) * B) of a deterministic iterator.
+
+    For sources without random access ("pack", "drop"): the iterator is read
+    forward, so consecutive steps cost one batch each; asking for an earlier
+    step (or the first step of a resumed run) restarts it from `make_iterator()`
+    and skips ahead. The same step always gives the same batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    cursor = {"next": None, "it": None}
+
+    def batch(step: int) -> np.ndarray:
+        if cursor["it"] is None or cursor["next"] > step:
+            cursor["it"], cursor["next"] = make_iterator(), 0
+        it = cursor["it"]
+        try:
+            for _ in range((step - cursor["next"]) * batch_size):
+                next(it)
+            rows = [next(it) for _ in range(batch_size)]
+        except StopIteration:
+            cursor["it"] = None
+            raise ValueError(f"the data ran out at step {step} (batch {batch_size})") from None
+        cursor["next"] = step + 1
+        return np.stack(rows).astype(np.int32)
+
+    return batch
+
+
+def first_sequences(dataset, count: int) -> np.ndarray:
+    """int32 [<= count, T + 1]: the first `count` elements of a dataset or iterator (fewer if it ends)."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        items = [dataset[i] for i in range(min(count, len(dataset)))]
+    else:
+        items = [x for _, x in zip(range(count), iter(dataset))]
+    if not items:
+        raise ValueError("the evaluation data holds no sequence")
+    return np.stack(items).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- tfds

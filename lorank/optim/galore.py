@@ -1005,6 +1005,8 @@ def galore_state_shardings(tx: optax.GradientTransformation, params: Any, param_
             return q8.QuantizedArray(replicated, replicated, node.signed, node.block_size)
         if hasattr(node, "shape") and hasattr(node, "dtype"):
             return replicated
+        if not jax.tree_util.tree_leaves(node):
+            return node  # an empty state (optax.EmptyState, MaskedNode) holds no array to place
         if is_params_like(node):
             return params_like(node, cands)
         children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)

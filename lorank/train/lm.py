@@ -23,15 +23,27 @@ def build_llama(config) -> llama.Llama:
     return llama.Llama(llama.LlamaConfig(**config.model.to_dict()))
 
 
-def next_token_loss(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:
-    """(params, sequences int [B, T+1]) -> mean cross-entropy (nats/token) of predicting x[1:] from x[:-1]."""
+def next_token_loss(model: nn.Module, pad_id: int | None = None) -> Callable[[dict, jax.Array], jax.Array]:
+    """(params, sequences int [B, T+1]) -> mean cross-entropy (nats/token) of predicting x[1:] from x[:-1].
+
+    With `pad_id`, targets equal to it are left out of the mean (padded documents).
+    """
 
     def loss_fn(params, sequences):
         logits = model.apply({"params": params}, sequences[:, :-1])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, sequences[:, 1:])
-        return jnp.mean(losses)
+        targets = sequences[:, 1:]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        if pad_id is None:
+            return jnp.mean(losses)
+        mask = (targets != pad_id).astype(losses.dtype)
+        return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     return loss_fn
+
+
+def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], dict]:
+    """key -> the model's (boxed) parameters."""
+    return lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
 def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray) -> Callable[[dict], dict[str, jax.Array]]:
@@ -55,21 +67,28 @@ def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndar
     first validation micro-batch.
     """
     sampler = text.SequenceSampler(train_tokens, seq_len, loop.batch_size, seed=data_seed)
-    val = text.eval_sequences(val_tokens, seq_len)
+    return make_sequence_task(model, sampler.batch, text.eval_sequences(val_tokens, seq_len), loop,
+                              seq_len=seq_len, eval_batches=eval_batches, track_grad_rank=track_grad_rank)
+
+
+def make_sequence_task(model: nn.Module, train_batch: Callable[[int], np.ndarray], val: np.ndarray,
+                       loop: LoopConfig, *, seq_len: int, eval_batches: int, pad_id: int | None = None,
+                       track_grad_rank: bool = False) -> Task:
+    """A `Task` training `model` on `train_batch(step)` (int [batch, T+1]), evaluated on `val` [M, T+1].
+
+    Evaluation uses the first `eval_batches` micro-batches of `val`. `pad_id`:
+    targets to leave out of the loss (see `next_token_loss`).
+    """
     usable = (len(val) // loop.micro_batch) * loop.micro_batch
     if usable == 0:
-        raise ValueError(f"validation split gives {len(val)} windows of {seq_len + 1} tokens, fewer than the "
-                         f"micro-batch {loop.micro_batch}")
+        raise ValueError(f"the validation data gives {len(val)} sequences of {seq_len + 1} tokens, fewer than "
+                         f"the micro-batch {loop.micro_batch}")
     val = val[: min(usable, eval_batches * loop.micro_batch)]
-
-    def init_params(key):
-        return model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-
-    loss_fn = next_token_loss(model)
+    loss_fn = next_token_loss(model, pad_id)
     return Task(
-        init_params=init_params,
+        init_params=init_params_fn(model, seq_len),
         loss_fn=loss_fn,
-        train_batch=sampler.batch,
+        train_batch=train_batch,
         eval_batches=lambda: np.split(val, len(val) // loop.micro_batch),
         items_per_step=loop.batch_size * seq_len,
         item_name="tokens",

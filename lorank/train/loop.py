@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
+from lorank.optim.galore import galore_state_shardings
 from lorank.train import mesh as mesh_lib
 
 METRICS_FILE = "metrics.jsonl"
@@ -163,34 +164,14 @@ def check_batch_divides_mesh(loop: LoopConfig, mesh: Mesh) -> None:
             f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
 
 
-def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
-                        mesh: Mesh) -> Any:
-    """Shardings for an optimizer state: a leaf that mirrors a parameter gets its sharding.
-
-    A state leaf mirrors a parameter when the tail of its tree path is that
-    parameter's path and the shapes agree (Adam's `mu`, `nu`, ...). Everything
-    else (counts, projectors, scales) is replicated.
-    """
-    by_path = {}
-    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                      jax.tree_util.tree_leaves(param_shardings)):
-        by_path[tuple(path)] = (leaf.shape, sharding)
-    rep = mesh_lib.replicated(mesh)
-
-    def pick(path, leaf):
-        path = tuple(path)
-        for start in range(len(path)):
-            hit = by_path.get(path[start:])
-            if hit is not None and hit[0] == leaf.shape:
-                return hit[1]
-        return rep
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
-
 def state_layout(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, mesh: Mesh,
                  key: jax.Array) -> tuple[Callable[[jax.Array], TrainState], TrainState, TrainState]:
     """How the train state is built and laid out on `mesh`, without allocating it.
+
+    Parameters follow their logical axes; optimizer-state leaves follow the
+    parameter they belong to, GaLore projectors and low-rank moments their
+    parameter's row or column sharding, and the rest is replicated
+    (`lorank.optim.galore_state_shardings`).
 
     Returns:
       (init_state: key -> TrainState, abstract state of ShapeDtypeStructs,
@@ -204,9 +185,8 @@ def state_layout(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     boxed = jax.eval_shape(init_params, key)
     param_shardings = mesh_lib.logical_shardings(boxed, mesh)
     abstract_state = jax.eval_shape(init_state, key)
-    shardings = TrainState(
-        step=mesh_lib.replicated(mesh), params=param_shardings,
-        opt_state=opt_state_shardings(abstract_state.opt_state, nn.unbox(boxed), param_shardings, mesh))
+    shardings = TrainState(step=mesh_lib.replicated(mesh), params=param_shardings,
+                           opt_state=galore_state_shardings(tx, nn.unbox(boxed), param_shardings, mesh=mesh))
     return init_state, abstract_state, shardings
 
 

@@ -1,4 +1,9 @@
-"""Optimizers built from `config.optim`: learning-rate schedule, clipping, method."""
+"""Optimizers built from `config.optim`: learning-rate schedule, clipping, and the update rule.
+
+The update rules (`OPTIMIZERS`) act on whatever parameter tree they are given;
+how the parameters themselves are shaped (full-rank, low-rank factors, LoRA)
+is the method's business (`lorank.train.methods`).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,27 @@ from typing import Callable
 import jax
 import optax
 
-OPTIMIZERS = ("adamw", "sgd")
+from lorank import optim
+
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit", "galore_adafactor")
+GALORE_OPTIMIZERS = ("galore", "galore8bit", "galore_adafactor")
 
 
-def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to `lr * min_lr_ratio` at `total_steps`."""
-    lr, warmup = float(optim_config.lr), int(optim_config.warmup_steps)
+def peak_lr(optim_config, name: str | None = None) -> float:
+    """`optim.galore_lr` for the GaLore optimizers, `optim.lr` for everything else."""
+    name = optim_config.name if name is None else name
+    return float(optim_config.galore_lr if name in GALORE_OPTIMIZERS else optim_config.lr)
+
+
+def learning_rate_schedule(optim_config, total_steps: int, lr: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine to `lr * min_lr_ratio` at `total_steps`.
+
+    `lr` defaults to `peak_lr(optim_config)`.
+    """
+    lr = peak_lr(optim_config) if lr is None else float(lr)
+    warmup = int(optim_config.warmup_steps)
     if lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {lr}")
+        raise ValueError(f"the peak learning rate must be positive, got {lr} (optim.lr / optim.galore_lr)")
     if not 0 <= warmup < total_steps:
         raise ValueError(f"optim.warmup_steps={warmup} must lie in [0, train.steps={total_steps})")
     if not 0.0 <= optim_config.min_lr_ratio <= 1.0:
@@ -25,12 +43,46 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params) -> dict:
-    """Weight decay on matrices only (kernels, embeddings), not on norm scales or biases."""
+    """Weight decay on matrices only (kernels, embeddings, factors), not on norm scales or biases."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _galore_kwargs(c) -> dict:
+    return dict(rank=int(c.rank), update_proj_gap=int(c.update_proj_gap), scale=float(c.galore_scale),
+                proj_type=c.proj_type, weight_decay=c.weight_decay, mask=decay_mask,
+                galore_mask=optim.llama_galore_mask, svd=c.svd)
+
+
+def update_rule(c, name: str, schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """The update rule `name` of OPTIMIZERS with the hyperparameters of `c` (= config.optim), no clipping."""
+    adam = dict(b1=c.b1, b2=c.b2, eps=c.eps)
+    if name == "adamw":
+        return optax.adamw(schedule, **adam, weight_decay=c.weight_decay, mask=decay_mask)
+    if name == "adamw8bit":
+        return optax.chain(optim.scale_by_adam_8bit(**adam, block_size=int(c.block_size)),
+                           optax.add_decayed_weights(c.weight_decay, decay_mask),
+                           optax.scale_by_learning_rate(schedule))
+    if name == "sgd":
+        return optax.sgd(schedule, momentum=c.b1 or None)
+    if name == "galore":
+        return optim.galore_adamw(schedule, **adam, **_galore_kwargs(c))
+    if name == "galore8bit":
+        return optim.galore_adamw_8bit(schedule, **adam, **_galore_kwargs(c), block_size=int(c.block_size))
+    if name == "galore_adafactor":
+        return optim.galore_adafactor(schedule, **_galore_kwargs(c))
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Global-norm clipping at `optim.clip_norm` before `tx` (0 disables it)."""
+    clip = optim_config.clip_norm
+    if clip < 0:
+        raise ValueError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {clip}")
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
 def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain named by `optim_config.name`, with global-norm clipping first if `clip_norm` > 0.
+    """The optax chain named by `optim_config.name` (one of OPTIMIZERS), clipped per `clip_norm`.
 
     Returns:
       (transformation, learning-rate schedule) — the schedule is returned for logging.
@@ -39,17 +91,7 @@ def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTrans
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optim.name={name!r}; expected one of {OPTIMIZERS}")
     schedule = learning_rate_schedule(optim_config, total_steps)
-    if name == "adamw":
-        method = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                             weight_decay=optim_config.weight_decay, mask=decay_mask)
-    else:
-        method = optax.sgd(schedule, momentum=optim_config.b1 or None)
-    parts: list[optax.GradientTransformation] = []
-    if optim_config.clip_norm:
-        if optim_config.clip_norm < 0:
-            raise ValueError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {optim_config.clip_norm}")
-        parts.append(optax.clip_by_global_norm(optim_config.clip_norm))
-    return optax.chain(*parts, method), schedule
+    return with_clipping(optim_config, update_rule(optim_config, name, schedule)), schedule
 
 
 def lr_scalars(schedule: Callable[[int], float]) -> Callable[[int], dict[str, float]]:

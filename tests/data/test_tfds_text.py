@@ -119,3 +119,24 @@ def test_missing_tfds_dataset_names_dataset_and_data_dir(tmp_path, name):
     message = str(err.value)
     assert repr(name) in message and str(data_dir) in message
     assert not data_dir.exists() or not any(data_dir.rglob("*"))  # nothing was downloaded or written
+
+
+def test_sequential_batches_are_a_function_of_the_step():
+    make = lambda: iter(np.arange(100 * 5).reshape(100, 5))  # noqa: E731
+    batch = tfds_text.sequential_batch_fn(make, 3)
+    first = [batch(s) for s in range(4)]
+    np.testing.assert_array_equal(first[2], np.arange(30, 45).reshape(3, 5))
+    resumed = tfds_text.sequential_batch_fn(make, 3)  # a resumed run starts at step 2
+    np.testing.assert_array_equal(resumed(2), first[2])
+    np.testing.assert_array_equal(resumed(3), first[3])
+    np.testing.assert_array_equal(resumed(1), first[1])  # going back restarts the iterator
+    with pytest.raises(ValueError, match="ran out at step 40"):
+        resumed(40)
+
+
+def test_first_sequences_reads_datasets_and_iterators():
+    rows = np.arange(12).reshape(4, 3)
+    np.testing.assert_array_equal(tfds_text.first_sequences(list(rows), 2), rows[:2])
+    np.testing.assert_array_equal(tfds_text.first_sequences(iter(rows), 9), rows)
+    with pytest.raises(ValueError, match="no sequence"):
+        tfds_text.first_sequences(iter([]), 3)

@@ -121,3 +121,18 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     config.model.hidden_size = 64
     with pytest.raises(ValueError, match="different `model` config"):
         loop.check_workdir_config(config, str(tmp_path))
+
+
+def test_padded_targets_are_left_out_of_the_loss():
+    model = llama.Llama(CFG)
+    params = lm.init_params_fn(model)(jax.random.key(0))
+    seqs = np.asarray(TOKENS[:34].reshape(2, 17)).copy()
+    seqs[0, 10:] = 0  # the first document ends after 10 tokens and is padded with id 0
+    logits = np.asarray(model.apply({"params": params}, seqs[:, :-1]), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, seqs[:, 1:, None], -1)[..., 0]
+    keep = seqs[:, 1:] != 0
+    got = float(lm.next_token_loss(model, pad_id=0)(params, seqs))
+    np.testing.assert_allclose(got, nll[keep].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(lm.next_token_loss(model)(params, seqs)), nll.mean(), rtol=1e-5)
