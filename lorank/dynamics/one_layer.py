@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorank.contrastive.energy import contrastive_cov
-from lorank.dynamics.solve import Trajectory, solve
+from lorank.dynamics.solve import Trajectory, solve_batch
 
 NAMED_ACTIVATIONS = ("linear", "relu", "leaky_relu", "power")
 
@@ -210,10 +210,71 @@ def field(t, w: jax.Array, args: tuple[Views, Activation]) -> jax.Array:
     return aw - jnp.dot(w, aw) / jnp.dot(w, w) * w
 
 
+def a_times_w_batched(ws: jax.Array, data: Views, act: Activation) -> jax.Array:
+    """A(w) w for K nodes at once: [K, d] for ws [K, d], equal to vmapping `a_times_w`.
+
+    With uniform alpha, the coefficients of x and x' in C_alpha[x~, f] are formed for
+    all nodes in one pass over [K, N] arrays, between one [K, d] x [d, N] and one
+    [K, N] x [N, d] product per view. L f - r df of `a_times_w` is rearranged as
+    (2 / (N - 1) - 1 / N) f + f' / N - 2 sum(f) / (N (N - 1)).
+    """
+    if data.alpha is not None:
+        return jax.vmap(a_times_w, in_axes=(0, None, None))(ws, data, act)
+    x, xp = data.x, data.x_prime
+    n = x.shape[0]
+    z, zp = ws @ x.T, ws @ xp.T  # [K, N]
+    f, fp = act(z), act(zp)
+    total = jnp.sum(f, axis=1, keepdims=True)
+    c = act.grad(z) * ((2.0 / (n - 1) - 1.0 / n) * f + fp / n - 2.0 * total / (n * (n - 1)))
+    cp = act.grad(zp) * (f - fp) / n
+    return act.degree * (c @ x + cp @ xp)
+
+
+def field_batched(t, ws: jax.Array, args: tuple[Views, Activation]) -> jax.Array:
+    """`field` for K nodes at once: [K, d] velocities for ws [K, d], args (data, act)."""
+    del t
+    data, act = args
+    aw = a_times_w_batched(ws, data, act)
+    return aw - (jnp.sum(ws * aw, axis=1) / jnp.sum(ws * ws, axis=1))[:, None] * ws
+
+
+def _node_field(act: Activation) -> Callable:
+    """`field` for one node, uniform alpha, whose vmap over nodes is `field_batched`.
+
+    A vmapped solve keeps one step size per node and evaluates the field of all nodes
+    at every stage; the batching rule hands that evaluation to `field_batched`. When
+    the data are batched too (a vmap over data sets), it falls back to `jax.vmap`.
+    Returns `f(t, w, (x, x_prime))`.
+    """
+
+    def one(w, x, xp):
+        return field(None, w, (Views(x, xp, None), act))
+
+    @jax.custom_batching.custom_vmap
+    def node(w, x, xp):
+        return one(w, x, xp)
+
+    @node.def_vmap
+    def _batched(axis_size, in_batched, w, x, xp):
+        w_batched, x_batched, xp_batched = in_batched
+        if x_batched or xp_batched:
+            axes = tuple(0 if b else None for b in in_batched)
+            return jax.vmap(one, in_axes=axes)(w, x, xp), True
+        if not w_batched:
+            w = jnp.broadcast_to(w, (axis_size,) + w.shape)
+        return field_batched(None, w, (Views(x, xp, None), act)), True
+
+    return lambda t, w, views: node(w, *views)
+
+
 def simulate(w0: jax.Array, data: Views, act: str | Activation, t1: float, *,
              num_saves: int = 50, rtol: float = 1e-6, atol: float = 1e-8,
-             solver: str = "tsit5") -> Trajectory:
+             solver: str = "tsit5", pcoeff: float = 0.0, icoeff: float = 1.0,
+             chunk_size: int | None = 128) -> Trajectory:
     """Integrates the dynamics of K independent nodes, vmapped and jitted.
+
+    Each node has its own adaptive step sizes; with uniform alpha the vmapped solve
+    evaluates the field of all nodes of a chunk at once (`field_batched`).
 
     Args:
       w0: [K, d] initial weights, each non-zero (normalized to the unit sphere here).
@@ -221,25 +282,28 @@ def simulate(w0: jax.Array, data: Views, act: str | Activation, t1: float, *,
       act: activation name or `Activation`.
       t1: horizon.
       num_saves: save times, evenly spaced in [0, t1].
-      rtol, atol, solver: passed to `solve`.
+      rtol, atol, solver, pcoeff, icoeff: passed to `solve`.
+      chunk_size: nodes per vmapped solve (`solve_batch`); None: all K at once.
 
     Returns:
-      Trajectory with ts [T], ys [K, T, d] and num_steps [K].
+      Trajectory with ts [T], ys [K, T, d], num_steps [K] and num_rejected [K].
     """
     act = get_activation(act)
     w0 = check_initial_weights(w0, data)
-    return _simulate(w0, data, act, float(t1), int(num_saves), float(rtol), float(atol), solver)
+    return _simulate(w0, data, act, float(t1), int(num_saves), float(rtol), float(atol), solver,
+                     float(pcoeff), float(icoeff), chunk_size)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _simulate(w0, data, act, t1, num_saves, rtol, atol, solver) -> Trajectory:
+@functools.partial(jax.jit, static_argnums=tuple(range(2, 11)))
+def _simulate(w0, data, act, t1, num_saves, rtol, atol, solver, pcoeff, icoeff,
+              chunk_size) -> Trajectory:
     ts = jnp.linspace(0.0, t1, num_saves)
-
-    def one(w):
-        return solve(field, w, t1, args=(data, act), ts=ts, rtol=rtol, atol=atol, solver=solver)
-
-    traj = jax.vmap(one)(w0)
-    return Trajectory(ts, traj.ys, traj.num_steps)
+    if data.alpha is None:
+        vector_field, args = _node_field(act), (data.x, data.x_prime)
+    else:
+        vector_field, args = field, (data, act)
+    return solve_batch(vector_field, w0, t1, chunk_size=chunk_size, args=args, ts=ts, rtol=rtol,
+                       atol=atol, solver=solver, pcoeff=pcoeff, icoeff=icoeff)
 
 
 def check_initial_weights(w0, data: Views) -> jax.Array:

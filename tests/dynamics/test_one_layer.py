@@ -144,3 +144,51 @@ def test_a_times_w_matches_the_matrix(act, uniform):
             else np.asarray(one_layer.a_matrix(jnp.asarray(w), data, a), np.float64) @ w)
     np.testing.assert_allclose(one_layer.a_times_w(jnp.asarray(w), data, a), want, rtol=1e-4,
                                atol=1e-4)
+
+
+def _field_numpy(w, x, xp, act):
+    """P_w^perp A(w) w from the NumPy A(w) (uniform alpha), float64."""
+    aw = _a_numpy(w, x, xp, act) @ w
+    return aw - (w @ aw) / (w @ w) * w
+
+
+@pytest.mark.parametrize("act", ["linear", "relu", "leaky_relu", "power"])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_field_batched_equals_vmapped_field(act, uniform):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 6))
+    xp = x + 0.3 * rng.normal(size=(40, 6))
+    ws = rng.normal(size=(9, 6))
+    a = one_layer.get_activation(act, slope=0.1, power=3)
+    with jax.enable_x64(True):
+        alpha = None if uniform else jnp.asarray(rng.uniform(size=(40, 40)))
+        data = one_layer.Views(jnp.asarray(x), jnp.asarray(xp), alpha)
+        batched = np.asarray(one_layer.field_batched(0.0, jnp.asarray(ws), (data, a)))
+        vmapped = np.asarray(jax.vmap(lambda w: one_layer.field(0.0, w, (data, a)))(
+            jnp.asarray(ws)))
+    assert batched.dtype == np.float64
+    np.testing.assert_allclose(batched, vmapped, rtol=0, atol=1e-13 * np.abs(vmapped).max())
+    if uniform:
+        want = np.stack([_field_numpy(w, x, xp, act) for w in ws])
+        np.testing.assert_allclose(batched, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("act", ["linear", "relu"])
+def test_simulate_in_chunks_matches_one_vmapped_solve_and_the_plain_field(act):
+    """Chunked solves (a padded last chunk), the batched field for uniform alpha, and
+    `field` itself with the same alpha as a matrix give the same trajectories."""
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        centers = one_layer.simplex_centers(jax.random.key(3), 4, 6)
+        data, _ = one_layer.cluster_views(jax.random.key(4), 60, centers)
+        dense = one_layer.Views(data.x, data.x_prime, jnp.full((60, 60), 1.0 / (60 * 59)))
+        w0 = jnp.asarray(rng.normal(size=(11, 6)))
+        kw = dict(num_saves=5, rtol=1e-9, atol=1e-11, solver="dopri5", pcoeff=0.2, icoeff=0.3)
+        whole = one_layer.simulate(w0, data, act, 20.0, chunk_size=None, **kw)
+        chunked = one_layer.simulate(w0, data, act, 20.0, chunk_size=4, **kw)
+        plain = one_layer.simulate(w0, dense, act, 20.0, chunk_size=None, **kw)
+    assert chunked.ys.shape == (11, 5, 6) and chunked.ts.shape == (5,)
+    assert chunked.num_steps.shape == chunked.num_rejected.shape == (11,)
+    np.testing.assert_allclose(chunked.ys, whole.ys, atol=1e-7)
+    np.testing.assert_allclose(plain.ys, whole.ys, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(whole.ys[:, -1], axis=1), 1.0, atol=1e-6)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorank.dynamics.solve import solve
+from lorank.dynamics.solve import solve, solve_batch
 
 # Damped oscillator y'' + 2 c y' + w^2 y = 0 as a first-order system.
 C, W = 0.3, 2.0
@@ -84,3 +84,48 @@ def test_bad_input_is_rejected_before_compute(kwargs, match):
     t1 = kwargs.pop("t1")
     with pytest.raises(ValueError, match=match):
         solve(oscillator, jnp.array([1.0, 0.0]), t1, **kwargs)
+
+
+def test_solve_batch_in_padded_chunks_matches_vmap():
+    def decay(t, y, k):
+        return -k * y
+
+    y0s = jnp.linspace(-1.0, 2.0, 7)[:, None] * jnp.array([1.0, 0.5])
+    ts = jnp.linspace(0.0, 1.0, 3)
+    whole = jax.vmap(lambda y: solve(decay, y, 1.0, args=0.7, ts=ts))(y0s)
+    for chunk in (None, 3, 7, 10):
+        traj = solve_batch(decay, y0s, 1.0, chunk_size=chunk, args=0.7, ts=ts)
+        np.testing.assert_allclose(traj.ts, ts)
+        np.testing.assert_allclose(traj.ys, whole.ys, atol=1e-6)
+        np.testing.assert_array_equal(traj.num_steps, whole.num_steps)
+        assert traj.ys.shape == (7, 3, 2) and traj.num_rejected.shape == (7,)
+    np.testing.assert_allclose(whole.ys[:, -1], y0s * np.exp(-0.7), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(y0=jnp.ones(())), "share a leading batch axis"),
+    (dict(y0=(jnp.ones(3), jnp.ones(4))), "share a leading batch axis"),
+    (dict(y0=jnp.ones(3), chunk_size=0), "chunk_size=0"),
+])
+def test_solve_batch_rejects_bad_batches(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        solve_batch(oscillator, t1=1.0, **kwargs)
+
+
+def test_pi_controller_rejects_fewer_steps_on_a_discontinuous_field():
+    """x'' = -sign(x) - 0.1 x': the I controller (SciPy's) keeps overshooting at the kinks."""
+    def kinked(t, y, args):
+        del t, args
+        return jnp.stack([y[1], -jnp.sign(y[0]) - 0.1 * y[1]])
+
+    with jax.enable_x64(True):
+        y0 = jnp.array([1.0, 0.0])
+        kw = dict(rtol=1e-8, atol=1e-10, solver="dopri5")
+        i_ctrl = solve(kinked, y0, 10.0, **kw)
+        pi_ctrl = solve(kinked, y0, 10.0, pcoeff=0.2, icoeff=0.3, **kw)
+        ref = solve(kinked, y0, 10.0, rtol=1e-13, atol=1e-15, solver="dopri8", max_steps=10**6)
+    assert int(pi_ctrl.num_rejected) < int(i_ctrl.num_rejected) / 1.5
+    assert (int(pi_ctrl.num_steps) + int(pi_ctrl.num_rejected)
+            < int(i_ctrl.num_steps) + int(i_ctrl.num_rejected))
+    for traj in (i_ctrl, pi_ctrl):
+        np.testing.assert_allclose(traj.ys[-1], ref.ys[-1], atol=1e-4)
