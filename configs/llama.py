@@ -76,6 +76,7 @@ def _base() -> ConfigDict:
     c.optim.eps = 1e-8  # Adam epsilon
     c.optim.weight_decay = 0.1  # decoupled weight decay on matrices
     c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    c.optim.clip_scope = "global"  # clip_norm bounds the norm over all leaves ("global") or of each leaf ("per_leaf")
     c.optim.block_size = 256  # values per quantization block of 8-bit states
     c.optim.rank = 64  # rank r of GaLore projections, low-rank factors and LoRA
     c.optim.update_proj_gap = 200  # GaLore: steps between SVD refreshes of the projection (T)

@@ -74,11 +74,34 @@ def update_rule(c, name: str, schedule: optax.ScalarOrSchedule) -> optax.Gradien
 
 
 def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Global-norm clipping at `optim.clip_norm` before `tx` (0 disables it)."""
+    """Gradient clipping at `optim.clip_norm` (0 disables it) before `tx`, over `optim.clip_scope`.
+
+    "global" (the default when the field is absent): `optax.clip_by_global_norm`, one norm
+    over all leaves, so no leaf's update can start before every gradient exists. "per_leaf":
+    each leaf g [*shape] becomes g * min(1, clip_norm / ||g||) with its own float32 norm, the
+    same formula leaf by leaf; nothing couples leaves, so each weight's update can run as soon
+    as its gradient exists (the GaLore paper's per-layer update; see docs/memory.md).
+    """
     clip = optim_config.clip_norm
+    scope = optim_config.get("clip_scope", "global")
+    scopes = ("global", "per_leaf")
     if clip < 0:
         raise ValueError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {clip}")
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+    if scope not in scopes:
+        raise ValueError(f"unknown optim.clip_scope={scope!r}; expected one of {scopes}")
+    if not clip:
+        return tx
+    if scope == "global":
+        return optax.chain(optax.clip_by_global_norm(clip), tx)
+
+    def clip_leaf(g):
+        g32 = g.astype(jax.numpy.float32)
+        norm = jax.numpy.sqrt(jax.numpy.sum(g32 * g32))
+        return jax.numpy.where(norm < clip, g32, g32 / norm * clip).astype(g.dtype)
+
+    per_leaf = optax.GradientTransformation(
+        optax.init_empty_state, lambda updates, state, params=None: (jax.tree.map(clip_leaf, updates), state))
+    return optax.chain(per_leaf, tx)
 
 
 def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
