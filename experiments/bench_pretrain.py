@@ -1,0 +1,187 @@
+"""Benchmark: the GaLore paper's pretraining comparison at small scale on the embedded corpus.
+
+    python -m experiments.bench_pretrain --config configs/bench_pretrain.py:bench --workdir runs/bench_pretrain
+
+Trains the same LLaMA-style model on the same batches (the same token budget)
+for every method of `config.methods` and every peak learning rate of
+`config.lr_multipliers` (times `optim.lr`, or `optim.galore_lr` for GaLore's
+methods; `experiments.pretrain` in workdir/METHOD/lr_MULT), keeps each method's
+best learning rate, as the paper tunes each method's, and reports per method:
+parameters (total and trainable), optimizer-state bytes, final validation loss
+and its gap to the first method (full-rank AdamW), tokens/s and the train-step
+time relative to the first method, measured in this run. Checks the paper's
+ordering (GaLore within 3% of full-rank, LoRA and ReLoRA behind GaLore,
+low-rank last) and draws the validation curves. Writes
+bench_pretrain.json and bench_pretrain.png to the workdir and, unless smoke, its
+section of docs/benchmarks.md and docs/figures/bench_pretrain.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import benchlib, cli, pretrain  # noqa: E402
+from lorank.analysis import curves  # noqa: E402
+from lorank.train import loop as loop_lib, methods as methods_lib, optimizers  # noqa: E402
+
+GALORE_TOLERANCE = 0.03  # GaLore's final validation loss may exceed full-rank's by this fraction
+
+
+def method_list(spec: str) -> list[str]:
+    """The comma-separated methods of `config.methods`, checked."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise ValueError("config.methods names no method")
+    unknown = [m for m in names if m not in methods_lib.METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} in config.methods; expected names from {methods_lib.METHODS}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.methods repeats a method: {names}")
+    return names
+
+
+def multiplier_list(spec: str) -> list[float]:
+    """The comma-separated positive learning-rate multipliers of `config.lr_multipliers`."""
+    values = [float(v) for v in spec.split(",") if v.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"config.lr_multipliers={spec!r} must list positive numbers")
+    return values
+
+
+def run_summary(records: list[dict], summary: dict) -> dict:
+    """Final validation loss, evaluation curve and median step rate of one method's metrics records."""
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    rates = [r["steps_per_s"] for r in records if "steps_per_s" in r]
+    tokens = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    if not evals or not rates:
+        raise ValueError("a run logged no evaluation or no throughput; raise train.steps")
+    return {
+        "params": summary["params"], "trainable_params": summary["trainable_params"],
+        "optimizer_state_bytes": summary["optimizer_state_bytes"],
+        "final_eval_loss": evals[-1][1], "eval_curve": evals,
+        "step_seconds": 1.0 / statistics.median(rates), "tokens_per_s": statistics.median(tokens),
+    }
+
+
+def ordering_checks(results: dict[str, dict], baseline: str) -> dict[str, bool]:
+    """The paper's ordering, for the methods present: GaLore near full-rank, LoRA/ReLoRA behind, low-rank last."""
+    loss = {m: r["final_eval_loss"] for m, r in results.items()}
+    checks = {}
+    for g in ("galore", "galore8bit", "galore_adafactor"):
+        if g in loss:
+            checks[f"{g}_within_3pct_of_{baseline}"] = loss[g] <= (1 + GALORE_TOLERANCE) * loss[baseline]
+    if "galore" in loss:
+        for m in ("lora", "relora"):
+            if m in loss:
+                checks[f"{m}_behind_galore"] = loss[m] > loss["galore"]
+    if "lowrank" in loss:
+        others = [m for m in loss if m != "lowrank"]
+        checks["lowrank_last"] = all(loss["lowrank"] > loss[m] for m in others)
+    return checks
+
+
+def plot_curves(results: dict[str, dict], path: str, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in results.items():
+        steps, losses = zip(*r["eval_curve"])
+        ax.plot(steps, losses, marker=".", label=f"{name} ({r['final_eval_loss']:.3f})")
+    low = min(r["final_eval_loss"] for r in results.values())
+    ax.set_ylim(low - 0.1, low + 1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train_method(config, name: str, multiplier: float, workdir: pathlib.Path) -> dict:
+    """One method at `multiplier` times its configured peak learning rate; its `run_summary`."""
+    cfg = copy.deepcopy(config.pretrain)
+    cfg.optim.name = name
+    cfg.optim.lr *= multiplier
+    cfg.optim.galore_lr *= multiplier
+    run_dir = str(workdir / name / f"lr_{multiplier:g}")
+    summary = pretrain.run(cfg, run_dir, log=lambda line: print(f"[{name} x{multiplier:g}] {line}", flush=True))
+    result = run_summary(curves.read_metrics(os.path.join(run_dir, loop_lib.METRICS_FILE)), summary)
+    result["peak_lr"] = optimizers.peak_lr(cfg.optim)
+    return result
+
+
+def run(config, workdir) -> dict:
+    """Trains every method at every learning rate in workdir/METHOD/lr_MULT; returns the results and checks."""
+    names = method_list(config.methods)
+    multipliers = multiplier_list(config.lr_multipliers)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sweep = {name: {f"{m:g}": train_method(config, name, m, workdir) for m in multipliers} for name in names}
+    results = {}
+    for name, runs in sweep.items():
+        best = min(runs.values(), key=lambda r: r["final_eval_loss"])
+        # step time and throughput do not depend on the learning rate: the median over the sweep
+        results[name] = dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
+                             tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))
+    baseline = names[0]
+    for r in results.values():
+        r["step_time_ratio"] = r["step_seconds"] / results[baseline]["step_seconds"]
+        r["loss_gap_pct"] = 100 * (r["final_eval_loss"] / results[baseline]["final_eval_loss"] - 1)
+    checks = ordering_checks(results, baseline)
+    p = config.pretrain
+    tokens = p.train.steps * p.train.batch_size * p.data.seq_len
+    out = {"methods": results, "sweep": {n: {m: r["final_eval_loss"] for m, r in runs.items()}
+                                         for n, runs in sweep.items()},
+           "checks": checks, "tokens_per_method": tokens}
+    (workdir / "bench_pretrain.json").write_text(json.dumps(out, indent=2) + "\n")
+    title = (f"{p.model.num_layers}-layer LLaMA, D={p.model.hidden_size}, {tokens / 1e6:.2f}M tokens per method")
+    plot_curves(results, str(workdir / "bench_pretrain.png"), title)
+    if config.write_docs:
+        figure = benchlib.REPO_ROOT / "docs" / "figures" / "bench_pretrain.png"
+        shutil.copyfile(workdir / "bench_pretrain.png", figure)
+        benchlib.write_section("bench_pretrain", "python -m experiments.bench_pretrain --config "
+                               "configs/bench_pretrain.py:bench --workdir runs/bench_pretrain",
+                               docs_body(results, out["sweep"], checks, p, tokens), out)
+    print(json.dumps({"checks": checks, **{m: round(r["final_eval_loss"], 4) for m, r in results.items()}}))
+    return out
+
+
+def docs_body(results: dict[str, dict], sweep: dict[str, dict], checks: dict[str, bool], p, tokens: int) -> str:
+    """The markdown of the docs section: setup, tables, checks, figure."""
+    rows = [[name, f"{r['params']:,}", f"{r['trainable_params']:,}", f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+             f"{r['peak_lr']:g}", f"{r['final_eval_loss']:.4f}", f"{r['loss_gap_pct']:+.2f}%",
+             f"{r['tokens_per_s']:,.0f}", f"{r['step_time_ratio']:.2f}"] for name, r in results.items()]
+    table = benchlib.markdown_table(
+        ["method", "parameters", "trainable", "optimizer state (MiB)", "best peak lr", "final val. loss",
+         "vs. first", "tokens/s", "step time / first"], rows)
+    mults = list(next(iter(sweep.values())))
+    sweep_table = benchlib.markdown_table(
+        ["method"] + [f"lr x{m}" for m in mults],
+        [[name] + [f"{runs[m]:.4f}" for m in mults] for name, runs in sweep.items()])
+    verdicts = "\n".join(f"- {name.replace('_', ' ')}: **{'yes' if ok else 'NO'}**" for name, ok in checks.items())
+    return (
+        f"LLaMA-style model (D={p.model.hidden_size}, F={p.model.intermediate_size}, {p.model.num_heads} heads, "
+        f"{p.model.num_layers} layers, byte vocabulary) on the embedded corpus, {p.train.steps} steps of "
+        f"{p.train.batch_size} x {p.data.seq_len} bytes ({tokens:,} tokens) per method, the same batches for "
+        f"every method. Rank {p.optim.rank} for GaLore (T={p.optim.update_proj_gap}, scale {p.optim.galore_scale}), "
+        f"low-rank, LoRA and ReLoRA (alpha {p.optim.lora_alpha}, reset every {p.optim.relora_reset_every} steps); "
+        f"warmup "
+        f"{p.optim.warmup_steps} steps, cosine to {p.optim.min_lr_ratio} of the peak. Each method's peak "
+        f"learning rate is the best of the sweep below (final validation loss; lr x1 is optim.lr = {p.optim.lr:g} "
+        f"and optim.galore_lr = {p.optim.galore_lr:g} for GaLore's methods); tokens/s and step times are medians "
+        f"over the sweep.\n\n{table}\n\nFinal validation loss for every learning rate:\n\n{sweep_table}\n\n"
+        f"The paper's ordering:\n\n{verdicts}\n\n![validation loss per method](figures/bench_pretrain.png)")
+
+
+if __name__ == "__main__":
+    cli.launch(run, "configs/bench_pretrain.py:bench")
