@@ -1,0 +1,701 @@
+"""Memory of one LLaMA train step for every paper size and method: closed forms and XLA's compiled peak.
+
+    python -m experiments.memory --config configs/memory.py:paper --workdir runs/memory
+    python -m experiments.memory --config configs/memory.py:smoke --workdir runs/memory_smoke
+
+For each size (a variant of configs/llama.py), method (`optim.name`) and update option it reports
+
+- closed forms from the model shapes alone: parameter, gradient (trainable parameters) and
+  optimizer-state bytes (`closed_form`; docs/memory.md states the formulas), next to the
+  optimizer-state bytes of `jax.eval_shape(tx.init, params)`;
+- the compiled train step's memory: `jax.jit(step, donate_argnums=0).lower(abstract state,
+  abstract batch int32 [1, batch, seq + 1]).compile().memory_analysis()` on one device, nothing
+  allocated, so 7B compiles on a laptop: argument, output, alias and temp bytes and the peak
+  estimate argument + output - alias + temp.
+
+Update options (`UPDATES`): "global_clip" (`optim.clip_scope="global"`: one gradient norm over
+all leaves gates every update), "per_leaf_clip" (`clip_scope="per_leaf"`: each leaf clipped by
+its own norm), "no_clip" (`clip_norm=0`), and "per_layer" (per-leaf clipping in an explicit
+per-layer schedule, `per_layer_train_step`: back-propagate group by group and update each
+group's weights, the embedding and LM head in row chunks, before the next group's backward).
+
+Rows accumulate in WORKDIR/memory.json. With `write_docs`, the tables of docs/memory.md (between
+its `memory:start` / `memory:end` markers) are rewritten from them; with `write_benchmarks`, also
+the `memory` section of docs/benchmarks.md and docs/bench_results/memory.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from ml_collections import ConfigDict
+
+from experiments import benchlib, cli
+from lorank.models import llama
+from lorank.optim import labels
+from lorank.train import lm, loop, methods, optimizers
+from lorank.train import mesh as mesh_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MEMORY_MD = REPO / "docs" / "memory.md"
+UPDATES = ("global_clip", "per_leaf_clip", "no_clip", "per_layer")
+# XLA CPU compiler options of `xla_scheduler`; other backends compile with their defaults.
+CPU_SCHEDULERS = {
+    "default": {},
+    "memory_optimized": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+}
+# 8-bit moments (lorank.optim.quantize): leaves with fewer values stay in the parameter dtype.
+Q8_MIN_SIZE = 4096
+# Methods whose update acts elementwise on the leaves outside GaLore's mask (embedding, LM head):
+# the per-layer step may update those in row chunks without changing the result.
+ELEMENTWISE = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit")
+# The paper's (Zhao et al. 2024) memory of LLaMA 7B at 256 tokens per batch, in GB, by method here.
+PAPER_7B_GB = {"adamw": 58.0, "galore8bit": 22.0}
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The LLaMA dimensions the closed forms need."""
+
+    vocab: int  # V
+    hidden: int  # d
+    intermediate: int  # f
+    layers: int  # L
+    param_bytes: int  # bytes per stored parameter value (2 for bfloat16)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "Shapes":
+        dtype = llama.DTYPES.get(model_config.param_dtype)
+        if dtype is None:
+            raise ValueError(f"model.param_dtype={model_config.param_dtype!r} is not one of {sorted(llama.DTYPES)}")
+        return cls(int(model_config.vocab_size), int(model_config.hidden_size),
+                   int(model_config.intermediate_size), int(model_config.num_layers), jnp.dtype(dtype).itemsize)
+
+
+def leaf_shapes(s: Shapes) -> list[tuple[tuple[int, ...], bool]]:
+    """Every parameter of the model as (shape, is_projected_kernel): embedding [V, d]; per block two
+    norms [d], q/k/v/o [d, d], gate/up [d, f], down [f, d]; final norm [d]; LM head [d, V]."""
+    d, f = s.hidden, s.intermediate
+    block = [((d,), False), ((d,), False)] + [((d, d), True)] * 4 + [((d, f), True)] * 2 + [((f, d), True)]
+    return [((s.vocab, d), False)] + block * s.layers + [((d,), False), ((d, s.vocab), False)]
+
+
+def q8_bytes(size: int, block_size: int, param_bytes: int) -> int:
+    """One 8-bit moment of `size` values: a code byte each plus a float32 scale per block, or the
+    parameter dtype below Q8_MIN_SIZE values."""
+    if size < Q8_MIN_SIZE:
+        return size * param_bytes
+    return size + 4 * math.ceil(size / block_size)
+
+
+def adafactor_values(shape: tuple[int, ...]) -> int:
+    """Second-moment values Adafactor keeps for `shape`: rows + cols when the second-largest
+    dimension is at least 128 (factored), else one per entry."""
+    if len(shape) >= 2 and sorted(shape)[-2] >= 128:
+        big = sorted(shape)[-2:]
+        return big[0] + big[1]
+    return math.prod(shape)
+
+
+def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes of `method` from the shapes alone.
+
+    Conventions (what lorank stores; b = s.param_bytes):
+      parameters: every weight in b bytes; lowrank replaces each kernel [m, n] by factors
+        [m, r] + [r, n]; lora/relora keep the frozen kernel and add the factors.
+      gradients: trainable parameters in b bytes (frozen LoRA kernels have none).
+      optimizer state: AdamW two moments per trainable value in b bytes; 8-bit moments
+        `q8_bytes`; GaLore projects each kernel with min(m, n) > r: projector r min(m, n)
+        and inner state on [r, max(m, n)] (both in b bytes, 8-bit inner moments for
+        galore8bit, factored second moment for galore_adafactor), other leaves at full rank.
+      Scalar counters (step counts, refresh schedules) are left out.
+    Raises:
+      ValueError: unknown method.
+    """
+    if method not in methods.METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {methods.METHODS}")
+    b = s.param_bytes
+    params = trainable = state = 0
+    for shape, kernel in leaf_shapes(s):
+        size = math.prod(shape)
+        m, n = shape if len(shape) == 2 else (size, 1)
+        if kernel and method in methods.FACTORED:
+            factors = rank * (m + n)
+            params += factors + (size if method != "lowrank" else 0)
+            trainable += factors
+            state += 2 * factors * b
+            continue
+        params += size
+        trainable += size
+        projected = kernel and method in optimizers.GALORE_OPTIMIZERS and min(m, n) > rank
+        inner = (rank, max(m, n)) if projected else shape
+        inner_size = math.prod(inner)
+        state += rank * min(m, n) * b if projected else 0
+        if method in ("adamw8bit", "galore8bit"):
+            state += 2 * q8_bytes(inner_size, block_size, b)
+        elif method == "galore_adafactor":
+            state += adafactor_values(inner) * b
+        elif method == "sgd":
+            state += size * b
+        else:
+            state += 2 * inner_size * b
+    return {"param_bytes": params * b, "grad_bytes": trainable * b, "optimizer_state_bytes": state,
+            "params": params, "trainable": trainable}
+
+
+# --------------------------------------------------------------------------- compiled step
+
+
+def load_config_file(path: str, variant: str):
+    """`get_config(variant)` of the config file at `path` (relative to the repository root)."""
+    full = (REPO / path) if not pathlib.Path(path).is_absolute() else pathlib.Path(path)
+    if not full.exists():
+        raise FileNotFoundError(f"config file {full} not found")
+    spec = importlib.util.spec_from_file_location(f"memory_configs_{full.stem}", full)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def size_config(config, size: str, method: str, update: str):
+    """The training config of `size` (a variant of `config.model_config`) for `method` and `update`.
+
+    The model takes `config.dtype` for parameters and compute and `config.remat`; clipping follows
+    `update` (UPDATES).
+    """
+    if update not in UPDATES:
+        raise ValueError(f"unknown update option {update!r}; expected one of {UPDATES}")
+    if method not in methods.METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {methods.METHODS}")
+    c = load_config_file(config.model_config, size)
+    c.model.dtype = c.model.param_dtype = config.dtype
+    c.model.remat = config.remat
+    c.data.seq_len = int(config.seq_len)
+    c.model.max_len = max(int(c.model.max_len), int(config.seq_len))
+    c.optim.name = method
+    if update == "no_clip":
+        c.optim.clip_norm = 0.0
+    c.optim.clip_scope = "global" if update == "global_clip" else "per_leaf"
+    return c
+
+
+def shapes_only_task(model: nn.Module) -> loop.Task:
+    """A Task for shape analysis: the model's parameters and loss, no data."""
+    return loop.Task(init_params=lm.init_params_fn(model), loss_fn=lm.next_token_loss(model),
+                     train_batch=lambda step: None)
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """argument, output, alias and temp bytes of a compiled executable and the peak estimate
+    argument + output - alias + temp (donated inputs reused by outputs are counted once)."""
+    ma = compiled.memory_analysis()
+    out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+           "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes)}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def compiler_options(scheduler: str) -> dict[str, Any]:
+    """XLA options for `scheduler` (a key of CPU_SCHEDULERS) on this backend."""
+    if scheduler not in CPU_SCHEDULERS:
+        raise ValueError(f"unknown xla_scheduler {scheduler!r}; expected one of {sorted(CPU_SCHEDULERS)}")
+    return CPU_SCHEDULERS[scheduler] if jax.default_backend() == "cpu" else {}
+
+
+def compile_step(step: Callable, abstract_state: Any, abstract_batch: Any, options: dict[str, Any]):
+    """`jax.jit(step, donate_argnums=0)` lowered for abstract inputs and compiled; (compiled, seconds)."""
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=0).lower(abstract_state, abstract_batch)
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    return compiled, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- per-layer schedule
+
+
+def layer_groups(num_layers: int) -> list[tuple[str, ...]]:
+    """Top-level parameter groups in the order the backward pass reaches them: the head
+    (final norm, LM head), blocks L-1 .. 0, the embedding."""
+    blocks = [(f"layers_{i}",) for i in reversed(range(num_layers))]
+    return [("final_norm", "lm_head")] + blocks + [("embed",)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One update region of the per-layer step: a group's whole leaves, or rows of one leaf.
+
+    `leaf` None: every leaf of `group` except `chunked`; else rows [start, stop) of the leaf at
+    path `leaf` (a [rows, cols] matrix)."""
+
+    group: tuple[str, ...]
+    leaf: tuple[str, ...] | None = None
+    start: int = 0
+    stop: int = 0
+    chunked: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def name(self) -> str:
+        base = "+".join(self.group)
+        return base if self.leaf is None else f"{'/'.join(self.leaf)}[{self.start}:{self.stop}]"
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _without(tree: dict, paths: tuple[tuple[str, ...], ...]) -> dict:
+    """A copy of nested dict `tree` without the leaves at `paths` (emptied dicts dropped)."""
+    out = {}
+    for k, v in tree.items():
+        inner = tuple(p[1:] for p in paths if p[0] == k)
+        if () in inner:
+            continue
+        v = _without(v, inner) if inner and isinstance(v, dict) else v
+        if not (isinstance(v, dict) and not v):
+            out[k] = v
+    return out
+
+
+def piece_tree(group_tree: dict, piece: Piece) -> dict:
+    """The part of a group's tree (parameters or gradients) that `piece` updates; chunks keep their
+    leaf's path, so path-based masks select them as they select the leaf."""
+    if piece.leaf is None:
+        return _without(group_tree, piece.chunked)
+    return _nest(piece.leaf, _get(group_tree, piece.leaf)[piece.start:piece.stop])
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+    for k in reversed(path):
+        value = {k: value}
+    return value
+
+
+def row_chunks(rows: int, cols: int, max_values: int, block_size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `max_values` values each (at least one aligned row group),
+    each a multiple of `block_size` values when rows allow, so 8-bit blocks fall as in the whole leaf."""
+    align = block_size // math.gcd(cols, block_size)
+    step = max(align, (max_values // cols) // align * align)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def update_plan(params: dict, num_layers: int, *, chunk_values: int, block_size: int,
+                chunkable: Callable[[tuple[str, ...], tuple[int, ...]], bool]) -> list[list[Piece]]:
+    """Per group (`layer_groups` order), the pieces its update runs as: matrices with more than
+    `chunk_values` values that `chunkable(path, shape)` allows are updated in row chunks
+    (`row_chunks`), the group's other leaves in one piece. `chunk_values` 0: no chunks."""
+    plan = []
+    for group in layer_groups(num_layers):
+        sub = {k: params[k] for k in group}
+        chunked = []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+            keys = tuple(str(k.key) for k in path)
+            if chunk_values and leaf.ndim == 2 and leaf.size > chunk_values and chunkable(keys, leaf.shape):
+                chunked.append((keys, leaf.shape))
+        paths = tuple(k for k, _ in chunked)
+        pieces = [Piece(group, chunked=paths)] if _without(sub, paths) else []
+        for keys, (rows, cols) in chunked:
+            pieces += [Piece(group, keys, a, b) for a, b in row_chunks(rows, cols, chunk_values, block_size)]
+        plan.append(pieces)
+    return plan
+
+
+def per_layer_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   plan: list[list[Piece]]) -> Callable[[jax.Array], loop.TrainState]:
+    """key -> TrainState whose opt_state holds one independent `tx` state per piece of `plan`
+    ({piece.name: tx.init(piece_tree(group params, piece))})."""
+
+    def init(key):
+        params = nn.unbox(init_params(key))
+        states = {piece.name: tx.init(piece_tree({k: params[k] for k in piece.group}, piece))
+                  for pieces in plan for piece in pieces}
+        return loop.TrainState(jnp.zeros((), jnp.int32), params, states)
+
+    return init
+
+
+def _clip_per_leaf(grads: Any, clip_norm: float) -> Any:
+    """`optim.clip_scope="per_leaf"` clipping (optimizers.with_clipping) of a gradient tree."""
+    if not clip_norm:
+        return grads
+    clip = optimizers.with_clipping(ConfigDict({"clip_norm": clip_norm, "clip_scope": "per_leaf"}), optax.identity())
+    return clip.update(grads, clip.init(grads))[0]
+
+
+def per_layer_train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: list[list[Piece]], *,
+                         clip_norm: float) -> Callable:
+    """A LLaMA train step that updates each layer group as soon as its gradient exists.
+
+    Forward: embedding, blocks, head, keeping only each block's input [B, T, D]. Backward, group
+    by group (`layer_groups`): one `jax.lax.cond` region recomputes the group under `jax.vjp`
+    (full remat) and returns its weight gradient, clipped leaf by leaf at `clip_norm` (0: none),
+    and its input cotangent; then one region per piece of `plan` updates those weights (or rows)
+    with the piece's own `tx` state. Each region takes the cotangent from the previous one and
+    hands it on, so XLA cannot defer an update past the next group's backward, and no two groups'
+    gradients are alive at once. (`optimization_barrier` does not give this order: XLA's CPU
+    pipeline drops barriers before scheduling.) The regions' predicate is a finite loss; with a
+    non-finite loss no weight or state changes.
+
+    Args:
+      cfg: the model.
+      tx: the update rule without clipping; row chunks (`update_plan`) need one that acts
+        elementwise on the chunked leaves, so that chunks update exactly as the whole leaf.
+      plan: `update_plan` of the parameters.
+      clip_norm: per-leaf clipping threshold (the chunked leaf's own norm, not the chunk's).
+    Returns:
+      step(state, batch int [1, B, T + 1]) -> (state, {"loss", "grad_norm"}), with state from
+      `per_layer_init(..., plan)`; the loss of `lm.next_token_loss(llama.Llama(cfg))`.
+    """
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    block = llama.Block(cfg)
+    norm = llama.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def head_loss(head_params, x, targets):
+        x = norm.apply({"params": head_params["final_norm"]}, x)
+        logits = lm_head.apply({"params": head_params["lm_head"]}, x).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+    def backward(forward: Callable, finite, params, x, cotangent):
+        """(clipped gradient of params, cotangent of x or None, squared gradient norm).
+
+        forward(params, x) is the group's output; x None: no differentiable input."""
+
+        def run(operands):
+            params, x, cotangent = operands
+            if x is None:
+                _, vjp = jax.vjp(lambda p: forward(p, None), params)
+                (grads,), x_cotangent = vjp(cotangent), None
+            else:
+                _, vjp = jax.vjp(forward, params, x)
+                grads, x_cotangent = vjp(cotangent)
+            sq_norm = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+            return _clip_per_leaf(grads, clip_norm), x_cotangent, sq_norm
+
+        def skip(operands):
+            params, x, _ = operands
+            return (jax.tree.map(jnp.zeros_like, params), None if x is None else jnp.zeros_like(x),
+                    jnp.zeros((), jnp.float32))
+
+        return jax.lax.cond(finite, run, skip, (params, x, cotangent))
+
+    def update(finite, params, opt_state, grads, cotangent):
+        """(new params, new state, cotangent) of one piece; the cotangent passes through."""
+
+        def run(operands):
+            params, opt_state, grads, cotangent = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, cotangent
+
+        def skip(operands):
+            params, opt_state, _, cotangent = operands
+            return params, opt_state, jax.tree.map(jnp.zeros_like, cotangent)
+
+        return jax.lax.cond(finite, run, skip, (params, opt_state, grads, cotangent))
+
+    def step(state: loop.TrainState, batch):
+        if batch.shape[0] != 1:
+            raise ValueError(f"per_layer_train_step takes no gradient accumulation, got batch {batch.shape}")
+        tokens = batch[0]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        params = state.params
+        xs = [embed.apply({"params": params["embed"]}, inputs)]
+        for i in range(cfg.num_layers):
+            xs.append(block.apply({"params": params[f"layers_{i}"]}, xs[-1]))
+        loss = head_loss({k: params[k] for k in ("final_norm", "lm_head")}, xs[-1], targets)
+        finite = jnp.isfinite(loss)
+
+        groups = layer_groups(cfg.num_layers)
+        forwards = ([lambda p, x: head_loss(p, x, targets)]
+                    + [lambda p, x, g=g: block.apply({"params": p[g[0]]}, x) for g in groups[1:-1]]
+                    + [lambda p, _: embed.apply({"params": p["embed"]}, inputs)])
+        xs_by_group = [xs[-1]] + list(reversed(xs[:-1])) + [None]
+        new_params, new_states, sq_norms = {}, {}, []
+        cotangent = jnp.ones((), jnp.float32)
+        for group, pieces, forward, x in zip(groups, plan, forwards, xs_by_group):
+            group_params = {k: params[k] for k in group}
+            grads, x_cotangent, sq_norm = backward(forward, finite, group_params, x, cotangent)
+            sq_norms.append(sq_norm)
+            carry = jnp.zeros((), jnp.float32) if x_cotangent is None else x_cotangent
+            new_group, chunks = {}, {}
+            for piece in pieces:
+                new, new_states[piece.name], carry = update(
+                    finite, piece_tree(group_params, piece), state.opt_state[piece.name],
+                    piece_tree(grads, piece), carry)
+                if piece.leaf is None:
+                    new_group.update(new)
+                else:
+                    chunks.setdefault(piece.leaf, []).append(_get(new, piece.leaf))
+            for path, parts in chunks.items():
+                new_group = _merge(new_group, _nest(path, jnp.concatenate(parts, axis=0)))
+            new_params.update(new_group)
+            cotangent = carry
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(sq_norms))}
+        return loop.TrainState(state.step + 1, new_params, new_states), metrics
+
+    return step
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Nested dicts `a` and `b` merged (b's leaves win)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+def one_device_mesh():
+    return mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def per_layer_setup(c, model: llama.Llama, chunk_values: int) -> tuple[Callable, Callable]:
+    """(step, init) of the per-layer schedule for training config `c` (a full-rank method).
+
+    The update rule is `c.optim`'s without clipping; the step clips each leaf at
+    `c.optim.clip_norm` itself. The embedding and LM head (leaves outside GaLore's mask) are
+    updated in row chunks of at most `chunk_values` values when the method acts elementwise
+    on them (ELEMENTWISE).
+
+    Raises:
+      ValueError: a factored method (its parameters are not the model's).
+    """
+    name = c.optim.name
+    if name in methods.FACTORED:
+        raise ValueError(f"the per-layer step trains the model's own parameters; {name!r} factors them")
+    if 0 < chunk_values < Q8_MIN_SIZE:
+        raise ValueError(f"update_chunk={chunk_values} must be 0 or at least {Q8_MIN_SIZE} values (smaller chunks "
+                         "would keep 8-bit moments unquantized)")
+    unclipped = ConfigDict(c.optim.to_dict())
+    unclipped.clip_norm = 0.0
+    tx, _ = optimizers.build_optimizer(unclipped, int(c.train.steps))
+    init_params = lm.init_params_fn(model)
+    params = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
+    projected = {tuple(str(k.key) for k in path)
+                 for path, chosen in jax.tree_util.tree_flatten_with_path(labels.llama_galore_mask(params))[0]
+                 if chosen}
+    plan = update_plan(params, model.cfg.num_layers, chunk_values=chunk_values if name in ELEMENTWISE else 0,
+                       block_size=int(c.optim.block_size), chunkable=lambda path, shape: path not in projected)
+    step = per_layer_train_step(model.cfg, tx, plan, clip_norm=float(c.optim.clip_norm))
+    return step, per_layer_init(init_params, tx, plan)
+
+
+def abstract_step(config, c, method: methods.Method, model: llama.Llama, update: str):
+    """(step, abstract state) of the train step `update` runs for `method` (training config `c`)."""
+    key = jax.random.key(0)
+    if update == "per_layer":
+        step, init = per_layer_setup(c, model, int(config.update_chunk))
+        return step, jax.eval_shape(init, key)
+    _, abstract_state, _ = loop.state_layout(method.task.init_params, method.tx, one_device_mesh(), key)
+    return loop.make_train_step(method.task.loss_fn, method.tx), abstract_state
+
+
+def measure(config, size: str, method_name: str, update: str, *, compile_step_too: bool = True) -> dict[str, Any]:
+    """Closed forms, shape-derived sizes and (unless `compile_step_too` is False, or the update
+    option does not apply to the method) the compiled step's memory for one configuration.
+
+    Returns:
+      {"size", "method", "update", "closed": closed_form(...), "params", "trainable",
+       "param_bytes", "optimizer_state_bytes" (from eval_shape), "compiled": memory_stats(...)
+       or None, "compile_seconds"}.
+    """
+    c = size_config(config, size, method_name, update)
+    model = lm.build_llama(c)
+    method = methods.build_method(c, shapes_only_task(model))
+    report = methods.parameter_report(method)
+    closed = closed_form(Shapes.from_model_config(c.model), method_name, int(c.optim.rank), int(c.optim.block_size))
+    row = {"size": size, "method": method_name, "update": update, "rank": int(c.optim.rank), "closed": closed,
+           "params": report["total"], "trainable": report["trainable"], "param_bytes": report["param_bytes"],
+           "optimizer_state_bytes": report["optimizer_state_bytes"], "compiled": None, "compile_seconds": None}
+    if not compile_step_too or (update == "per_layer" and method_name in methods.FACTORED):
+        return row
+    step, abstract_state = abstract_step(config, c, method, model, update)
+    batch = jax.ShapeDtypeStruct((1, int(config.batch_size), int(config.seq_len) + 1), jnp.int32)
+    compiled, seconds = compile_step(step, abstract_state, batch, compiler_options(config.xla_scheduler))
+    row["compiled"] = memory_stats(compiled)
+    row["compile_seconds"] = seconds
+    logging.info("%s %s %s: peak %.3f GB (temp %.3f GB), compiled in %.0f s", size, method_name, update,
+                 row["compiled"]["peak"] / 1e9, row["compiled"]["temp"] / 1e9, seconds)
+    return row
+
+
+# --------------------------------------------------------------------------- tables and run
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return row["size"], row["method"], row["update"], row.get("xla_scheduler")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with every row of the same (size, method, update, scheduler) as a `new` row replaced."""
+    replaced = {row_key(r) for r in new}
+    return [r for r in old if row_key(r) not in replaced] + list(new)
+
+
+def _gb(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e9:.3f}"
+
+
+def sizes_table(rows: list[dict]) -> str:
+    """Markdown: closed forms per (size, method), GB = 1e9 bytes."""
+    seen, body = set(), []
+    for r in rows:
+        if (r["size"], r["method"]) in seen:
+            continue
+        seen.add((r["size"], r["method"]))
+        c = r["closed"]
+        body.append([r["size"], r["method"], f"{c['params'] / 1e6:.1f}", f"{c['trainable'] / 1e6:.1f}",
+                     _gb(c["param_bytes"]), _gb(c["grad_bytes"]), _gb(c["optimizer_state_bytes"]),
+                     _gb(r["optimizer_state_bytes"]),
+                     _gb(c["param_bytes"] + c["grad_bytes"] + c["optimizer_state_bytes"])])
+    header = ["size", "method", "params (M)", "trainable (M)", "params GB", "grads GB", "opt. state GB",
+              "opt. state GB (eval_shape)", "params + grads + state GB"]
+    return benchlib.markdown_table(header, body)
+
+
+def peaks_table(rows: list[dict], updates: tuple[str, ...]) -> str:
+    """Markdown: compiled peak (temp) in GB per (size, method) and update option."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    args: dict[tuple[str, str], str] = {}
+    for r in rows:
+        key = (r["size"], r["method"])
+        cells.setdefault(key, {})
+        if r["compiled"] is not None:
+            m = r["compiled"]
+            cells[key][r["update"]] = f"{_gb(m['peak'])} ({_gb(m['temp'])})"
+            args.setdefault(key, _gb(m["argument"]))
+        else:
+            cells[key].setdefault(r["update"], "n/a")
+    body = [[size, method, args.get((size, method), "")] + [cells[(size, method)].get(u, "") for u in updates]
+            for size, method in cells]
+    return benchlib.markdown_table(["size", "method", "arguments GB"] + [f"{u} peak (temp) GB" for u in updates],
+                                   body)
+
+
+def paper_comparison(rows: list[dict]) -> str:
+    """One line per method of PAPER_7B_GB with 7B rows: the paper's figure and the lowest compiled peak."""
+    lines = []
+    for method, paper_gb in PAPER_7B_GB.items():
+        measured = [r for r in rows if r["size"] == "7b" and r["method"] == method and r["compiled"]]
+        if measured:
+            best = min(measured, key=lambda r: r["compiled"]["peak"])
+            lines.append(f"- 7B {method}: paper {paper_gb:.1f} GB; lowest compiled peak here "
+                         f"{_gb(best['compiled']['peak'])} GB ({best['compiled']['peak'] / 2**30:.2f} GiB, "
+                         f"`{best['update']}`)")
+    return "\n".join(lines)
+
+
+def _order(row: dict) -> tuple:
+    sizes = ("smoke", "tiny", "60m", "130m", "350m", "1b", "7b")
+    size = sizes.index(row["size"]) if row["size"] in sizes else len(sizes)
+    return size, row["size"], methods.METHODS.index(row["method"]), UPDATES.index(row["update"])
+
+
+def tables_markdown(rows: list[dict]) -> str:
+    """The commands that measured `rows`, the closed-form table and the compiled-peak table."""
+    rows = sorted(rows, key=_order)
+    updates = tuple(u for u in UPDATES if any(r["update"] == u for r in rows))
+    schedulers = ", ".join(sorted({f"`{r.get('xla_scheduler')}`" for r in rows}))
+    commands = "\n".join(f"    {c}" for c in sorted({r.get("command", "") for r in rows}))
+    return (f"Rows measured by\n\n{commands}\n\n**Closed forms** (GB = 1e9 bytes)\n\n{sizes_table(rows)}\n\n"
+            f"**Compiled train step**: peak (temp) = argument + output - alias + temp, GB = 1e9 bytes; "
+            f"XLA scheduler {schedulers}\n\n{peaks_table(rows, updates)}\n\n{paper_comparison(rows)}").strip()
+
+
+def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD) -> None:
+    """Replaces the text between `<!-- memory:start -->` and `<!-- memory:end -->` of docs/memory.md."""
+    text = path.read_text()
+    start, end = "<!-- memory:start -->", "<!-- memory:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{path} lacks the markers {start} ... {end} that delimit the generated table")
+    body = (f"{start}\nMachine: {benchlib.machine_description()}  \nDate: {time.strftime('%Y-%m-%d')}\n\n"
+            f"{tables_md.strip()}\n{end}")
+    path.write_text(text[:text.index(start)] + body + text[text.index(end) + len(end):])
+
+
+def command_line(config, variant: str = "paper") -> str:
+    """The command that measures `config`: the variant plus every field that differs from it."""
+    base = load_config_file("configs/memory.py", variant)
+    parts = [f"python -m experiments.memory --config configs/memory.py:{variant}"]
+    for field in ("sizes", "methods", "updates", "dtype", "remat", "batch_size", "seq_len", "update_chunk",
+                  "xla_scheduler", "compile"):
+        value = config[field]
+        if value == base[field]:
+            continue
+        if isinstance(value, (tuple, list)):
+            value = value[0] if len(value) == 1 else f'"{tuple(value)!r}"'
+        parts.append(f"--config.{field}={value}")
+    return " ".join(parts) + " --workdir runs/memory"
+
+
+def check_config(config) -> None:
+    """Unknown sizes, methods, update options or scheduler fail before anything is compiled."""
+    unknown = [u for u in config.updates if u not in UPDATES]
+    if unknown:
+        raise ValueError(f"unknown update options {unknown}; expected some of {UPDATES}")
+    unknown = [m for m in config.methods if m not in methods.METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {methods.METHODS}")
+    compiler_options(config.xla_scheduler)
+    for size in config.sizes:
+        try:
+            load_config_file(config.model_config, size)
+        except ValueError as err:
+            raise ValueError(f"unknown size {size!r}: {err}") from None
+
+
+def run(config, workdir) -> dict[str, Any]:
+    """Measures every (size, method, update) of `config`; merges the rows into workdir/memory.json.
+
+    Returns:
+      {"rows": the merged rows}. With `config.write_docs`, the tables of docs/memory.md are
+      rewritten from the merged rows; with `config.write_benchmarks`, also the `memory` section
+      of docs/benchmarks.md and docs/bench_results/memory.json.
+    """
+    check_config(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in config.sizes:
+        for method_name in config.methods:
+            for update in config.updates:
+                row = measure(config, size, method_name, update, compile_step_too=bool(config.compile))
+                row["xla_scheduler"] = config.xla_scheduler
+                row["command"] = command_line(config)
+                rows.append(row)
+                peak = row["compiled"]["peak"] if row["compiled"] else None
+                print(f"{size:>6} {method_name:>16} {update:>13}: params {_gb(row['param_bytes'])} GB, "
+                      f"state {_gb(row['optimizer_state_bytes'])} GB, peak {_gb(peak) or 'n/a'} GB", flush=True)
+    path = workdir / "memory.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    merged = merge_rows(old, rows)
+    path.write_text(json.dumps({"rows": merged}, indent=2) + "\n")
+    tables = tables_markdown(merged)
+    print(tables)
+    command = command_line(config)
+    if config.write_docs:
+        write_memory_md(tables)
+    if config.write_benchmarks:
+        benchlib.write_section("memory", command, tables, {"rows": merged})
+    return {"rows": merged}
+
+
+if __name__ == "__main__":
+    cli.launch(run, "configs/memory.py:paper")
