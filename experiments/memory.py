@@ -193,12 +193,6 @@ def size_config(config, size: str, method: str, update: str):
     return c
 
 
-def shapes_only_task(model: nn.Module) -> loop.Task:
-    """A Task for shape analysis: the model's parameters and loss, no data."""
-    return loop.Task(init_params=lm.init_params_fn(model), loss_fn=lm.next_token_loss(model),
-                     train_batch=lambda step: None)
-
-
 def memory_stats(compiled) -> dict[str, int]:
     """argument, output, alias and temp bytes of a compiled executable and the peak estimate
     argument + output - alias + temp (donated inputs reused by outputs are counted once)."""
@@ -329,14 +323,6 @@ def per_layer_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTr
     return init
 
 
-def _clip_per_leaf(grads: Any, clip_norm: float) -> Any:
-    """`optim.clip_scope="per_leaf"` clipping (optimizers.with_clipping) of a gradient tree."""
-    if not clip_norm:
-        return grads
-    clip = optimizers.with_clipping(ConfigDict({"clip_norm": clip_norm, "clip_scope": "per_leaf"}), optax.identity())
-    return clip.update(grads, clip.init(grads))[0]
-
-
 def per_layer_train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: list[list[Piece]], *,
                          clip_norm: float) -> Callable:
     """A LLaMA train step that updates each layer group as soon as its gradient exists.
@@ -385,7 +371,9 @@ def per_layer_train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformatio
                 _, vjp = jax.vjp(forward, params, x)
                 grads, x_cotangent = vjp(cotangent)
             sq_norm = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-            return _clip_per_leaf(grads, clip_norm), x_cotangent, sq_norm
+            if clip_norm:
+                grads = optimizers.clip_by_leaf_norm(clip_norm).update(grads, optax.EmptyState())[0]
+            return grads, x_cotangent, sq_norm
 
         def skip(operands):
             params, x, _ = operands
@@ -518,7 +506,7 @@ def measure(config, size: str, method_name: str, update: str, *, compile_step_to
     """
     c = size_config(config, size, method_name, update)
     model = lm.build_llama(c)
-    method = methods.build_method(c, shapes_only_task(model))
+    method = methods.build_method(c, lm.shapes_task(model))
     report = methods.parameter_report(method)
     closed = closed_form(Shapes.from_model_config(c.model), method_name, int(c.optim.rank), int(c.optim.block_size))
     row = {"size": size, "method": method_name, "update": update, "rank": int(c.optim.rank), "closed": closed,

@@ -19,9 +19,7 @@ def load_params(workdir: str):
     """
     config = loop_lib.load_workdir_config(workdir)
     model = lm.build_llama(config)
-    shapes_only = loop_lib.Task(init_params=lm.init_params_fn(model), loss_fn=lm.next_token_loss(model),
-                                train_batch=lambda step: None)
-    method = methods.build_method(config, shapes_only)
+    method = methods.build_method(config, lm.shapes_task(model))
     mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
     _, abstract_state, shardings = loop_lib.state_layout(method.task.init_params, method.tx, mesh,
                                                          jax.random.key(0))

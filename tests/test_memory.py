@@ -58,7 +58,7 @@ def test_closed_form_agrees_with_eval_shape(size, method):
     s, config = shapes(size)
     config.optim.name = method
     model = lm.build_llama(config)
-    report = methods.parameter_report(methods.build_method(config, memory.shapes_only_task(model)))
+    report = methods.parameter_report(methods.build_method(config, lm.shapes_task(model)))
     closed = memory.closed_form(s, method, int(config.optim.rank), int(config.optim.block_size))
     assert report["total"] == closed["params"]
     assert report["trainable"] == closed["trainable"]
@@ -121,7 +121,7 @@ def smoke_setup(method, clip_norm=0.3):
     c.optim.warmup_steps = 0
     c.optim.clip_norm = clip_norm  # below the smoke model's leaf norms: clipping acts
     model = lm.build_llama(c)
-    return c, model, methods.build_method(c, memory.shapes_only_task(model))
+    return c, model, methods.build_method(c, lm.shapes_task(model))
 
 
 @pytest.mark.parametrize("method, chunk", [("adamw", 4096), ("galore8bit", 4096), ("galore_adafactor", 4096)])

@@ -57,6 +57,12 @@ def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray) -> Callable[
     return probe
 
 
+def shapes_task(model: nn.Module) -> Task:
+    """A `Task` with the model's parameters and loss but no data: for building optimizer states and
+    train steps from shapes (restoring checkpoints, memory analysis)."""
+    return Task(init_params=init_params_fn(model), loss_fn=next_token_loss(model), train_batch=lambda step: None)
+
+
 def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray, loop: LoopConfig, *,
                  seq_len: int, eval_batches: int, data_seed: int = 0, track_grad_rank: bool = False) -> Task:
     """A `Task` training `model` on random windows of `train_tokens`, evaluated on `val_tokens`.

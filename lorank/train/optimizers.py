@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lorank import optim
@@ -73,14 +74,28 @@ def update_rule(c, name: str, schedule: optax.ScalarOrSchedule) -> optax.Gradien
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
+def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
+    """Each leaf g [*shape] becomes g * min(1, max_norm / ||g||), its norm taken in float32, its dtype kept.
+
+    Nothing couples leaves, so each weight's update can run as soon as its gradient exists.
+    """
+
+    def clip_leaf(g):
+        g32 = g.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(g32 * g32))
+        return jnp.where(norm < max_norm, g32, g32 / norm * max_norm).astype(g.dtype)
+
+    return optax.GradientTransformation(
+        optax.init_empty_state, lambda updates, state, params=None: (jax.tree.map(clip_leaf, updates), state))
+
+
 def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Gradient clipping at `optim.clip_norm` (0 disables it) before `tx`, over `optim.clip_scope`.
 
     "global" (the default when the field is absent): `optax.clip_by_global_norm`, one norm
     over all leaves, so no leaf's update can start before every gradient exists. "per_leaf":
-    each leaf g [*shape] becomes g * min(1, clip_norm / ||g||) with its own float32 norm, the
-    same formula leaf by leaf; nothing couples leaves, so each weight's update can run as soon
-    as its gradient exists (the GaLore paper's per-layer update; see docs/memory.md).
+    `clip_by_leaf_norm`, each leaf by its own norm, as the GaLore paper's per-layer update
+    needs (see docs/memory.md).
     """
     clip = optim_config.clip_norm
     scope = optim_config.get("clip_scope", "global")
@@ -91,17 +106,8 @@ def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.Gradi
         raise ValueError(f"unknown optim.clip_scope={scope!r}; expected one of {scopes}")
     if not clip:
         return tx
-    if scope == "global":
-        return optax.chain(optax.clip_by_global_norm(clip), tx)
-
-    def clip_leaf(g):
-        g32 = g.astype(jax.numpy.float32)
-        norm = jax.numpy.sqrt(jax.numpy.sum(g32 * g32))
-        return jax.numpy.where(norm < clip, g32, g32 / norm * clip).astype(g.dtype)
-
-    per_leaf = optax.GradientTransformation(
-        optax.init_empty_state, lambda updates, state, params=None: (jax.tree.map(clip_leaf, updates), state))
-    return optax.chain(per_leaf, tx)
+    clipping = optax.clip_by_global_norm(clip) if scope == "global" else clip_by_leaf_norm(clip)
+    return optax.chain(clipping, tx)
 
 
 def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
