@@ -739,7 +739,7 @@ def galore_adamw_8bit(
     mask: Any = None,
     *,
     block_size: int = 256,
-    min_size: int = 4096,
+    min_size: int = q8.MIN_SIZE,
     galore_mask: Any = None,
     matrix_axes: Any = None,
     svd: str = "exact",

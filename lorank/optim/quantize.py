@@ -30,6 +30,7 @@ import optax
 
 NUM_CODES = 256
 _EXPONENTS = 7  # decades 1e-6 .. 1e0
+MIN_SIZE = 4096  # default: leaves with fewer values keep unquantized moments
 
 
 @jax.tree_util.register_dataclass
@@ -131,8 +132,9 @@ def dequantize(q: QuantizedArray, dtype: Any = jnp.float32) -> jax.Array:
     if blocks != num_blocks(size, block_size):
         raise ValueError(f"{blocks} scales do not fit {size} codes in blocks of block_size={block_size}")
     values = jnp.asarray(dynamic_code_map(q.signed))[q.codes.reshape(-1).astype(jnp.int32)]
-    scale = jnp.repeat(q.scales, block_size, total_repeat_length=blocks * block_size)[:size]
-    return (values * scale).reshape(q.codes.shape).astype(dtype)
+    # Scales broadcast over a [blocks, block_size] view: no repeated copy of them is built.
+    values = jnp.pad(values, (0, blocks * block_size - size)).reshape(blocks, block_size)
+    return (values * q.scales[:, None]).reshape(-1)[:size].reshape(q.codes.shape).astype(dtype)
 
 
 def quantization_bound(signed: bool) -> float:
@@ -199,7 +201,7 @@ def _check_nonnegative(name: str, value: Any) -> None:
 
 
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
-                       *, block_size: int = 256, min_size: int = 4096) -> optax.GradientTransformation:
+                       *, block_size: int = 256, min_size: int = MIN_SIZE) -> optax.GradientTransformation:
     """Adam's preconditioning with both moments stored in blockwise dynamic 8-bit.
 
     The update of a step is computed from the float32 moments before they are
