@@ -77,6 +77,9 @@ def _base() -> ConfigDict:
     c.optim.weight_decay = 0.1  # decoupled weight decay on matrices
     c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
     c.optim.clip_scope = "global"  # clip_norm bounds the norm over all leaves ("global") or of each leaf ("per_leaf")
+    c.optim.update_schedule = "joint"  # "joint": all gradients, then all updates; "per_layer": update each layer
+    #   as soon as its gradient exists (full-rank methods, per_leaf clipping, grad_accum 1; docs/memory.md)
+    c.optim.update_chunk = 0  # per_layer: embedding and LM head updated in row chunks of at most this many values
     c.optim.block_size = 256  # values per quantization block of 8-bit states
     c.optim.rank = 64  # rank r of GaLore projections, low-rank factors and LoRA
     c.optim.update_proj_gap = 200  # GaLore: steps between SVD refreshes of the projection (T)

@@ -16,8 +16,9 @@ For each size (a variant of configs/llama.py), method (`optim.name`) and update 
 Update options (`UPDATES`): "global_clip" (`optim.clip_scope="global"`: one gradient norm over
 all leaves gates every update), "per_leaf_clip" (`clip_scope="per_leaf"`: each leaf clipped by
 its own norm), "no_clip" (`clip_norm=0`), and "per_layer" (per-leaf clipping in an explicit
-per-layer schedule, `per_layer_train_step`: back-propagate group by group and update each
-group's weights, the embedding and LM head in row chunks, before the next group's backward).
+per-layer schedule, `optim.update_schedule="per_layer"` (`lorank.train.per_layer`): back-propagate
+group by group and update each group's weights, the embedding and LM head in row chunks, before
+the next group's backward).
 
 Rows accumulate in WORKDIR/memory.json. With `write_docs`, the tables of docs/memory.md (between
 its `memory:start` / `memory:end` markers) are rewritten from them; with `write_benchmarks`, also
@@ -34,17 +35,14 @@ import pathlib
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
-from ml_collections import ConfigDict
 
 from experiments import benchlib, cli
 from lorank.models import llama
-from lorank.optim import labels
-from lorank.train import lm, loop, methods, optimizers
+from lorank.optim import quantize
+from lorank.train import lm, loop, methods, optimizers, per_layer
 from lorank.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,11 +53,6 @@ CPU_SCHEDULERS = {
     "default": {},
     "memory_optimized": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
 }
-# 8-bit moments (lorank.optim.quantize): leaves with fewer values stay in the parameter dtype.
-Q8_MIN_SIZE = 4096
-# Methods whose update acts elementwise on the leaves outside GaLore's mask (embedding, LM head):
-# the per-layer step may update those in row chunks without changing the result.
-ELEMENTWISE = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit")
 # The paper's (Zhao et al. 2024) memory of LLaMA 7B at 256 tokens per batch, in GB, by method here.
 PAPER_7B_GB = {"adamw": 58.0, "galore8bit": 22.0}
 
@@ -96,8 +89,8 @@ def leaf_shapes(s: Shapes) -> list[tuple[tuple[int, ...], bool]]:
 
 def q8_bytes(size: int, block_size: int, param_bytes: int) -> int:
     """One 8-bit moment of `size` values: a code byte each plus a float32 scale per block, or the
-    parameter dtype below Q8_MIN_SIZE values."""
-    if size < Q8_MIN_SIZE:
+    parameter dtype below quantize.MIN_SIZE values."""
+    if size < quantize.MIN_SIZE:
         return size * param_bytes
     return size + 4 * math.ceil(size / block_size)
 
@@ -190,6 +183,8 @@ def size_config(config, size: str, method: str, update: str):
     if update == "no_clip":
         c.optim.clip_norm = 0.0
     c.optim.clip_scope = "global" if update == "global_clip" else "per_leaf"
+    c.optim.update_schedule = "per_layer" if update == "per_layer" else "joint"
+    c.optim.update_chunk = int(config.update_chunk)
     return c
 
 
@@ -218,235 +213,6 @@ def compile_step(step: Callable, abstract_state: Any, abstract_batch: Any, optio
     return compiled, time.perf_counter() - start
 
 
-# --------------------------------------------------------------------------- per-layer schedule
-
-
-def layer_groups(num_layers: int) -> list[tuple[str, ...]]:
-    """Top-level parameter groups in the order the backward pass reaches them: the head
-    (final norm, LM head), blocks L-1 .. 0, the embedding."""
-    blocks = [(f"layers_{i}",) for i in reversed(range(num_layers))]
-    return [("final_norm", "lm_head")] + blocks + [("embed",)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """One update region of the per-layer step: a group's whole leaves, or rows of one leaf.
-
-    `leaf` None: every leaf of `group` except `chunked`; else rows [start, stop) of the leaf at
-    path `leaf` (a [rows, cols] matrix)."""
-
-    group: tuple[str, ...]
-    leaf: tuple[str, ...] | None = None
-    start: int = 0
-    stop: int = 0
-    chunked: tuple[tuple[str, ...], ...] = ()
-
-    @property
-    def name(self) -> str:
-        base = "+".join(self.group)
-        return base if self.leaf is None else f"{'/'.join(self.leaf)}[{self.start}:{self.stop}]"
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _without(tree: dict, paths: tuple[tuple[str, ...], ...]) -> dict:
-    """A copy of nested dict `tree` without the leaves at `paths` (emptied dicts dropped)."""
-    out = {}
-    for k, v in tree.items():
-        inner = tuple(p[1:] for p in paths if p[0] == k)
-        if () in inner:
-            continue
-        v = _without(v, inner) if inner and isinstance(v, dict) else v
-        if not (isinstance(v, dict) and not v):
-            out[k] = v
-    return out
-
-
-def piece_tree(group_tree: dict, piece: Piece) -> dict:
-    """The part of a group's tree (parameters or gradients) that `piece` updates; chunks keep their
-    leaf's path, so path-based masks select them as they select the leaf."""
-    if piece.leaf is None:
-        return _without(group_tree, piece.chunked)
-    return _nest(piece.leaf, _get(group_tree, piece.leaf)[piece.start:piece.stop])
-
-
-def _nest(path: tuple[str, ...], value: Any) -> dict:
-    for k in reversed(path):
-        value = {k: value}
-    return value
-
-
-def row_chunks(rows: int, cols: int, max_values: int, block_size: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of at most `max_values` values each (at least one aligned row group),
-    each a multiple of `block_size` values when rows allow, so 8-bit blocks fall as in the whole leaf."""
-    align = block_size // math.gcd(cols, block_size)
-    step = max(align, (max_values // cols) // align * align)
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-def update_plan(params: dict, num_layers: int, *, chunk_values: int, block_size: int,
-                chunkable: Callable[[tuple[str, ...], tuple[int, ...]], bool]) -> list[list[Piece]]:
-    """Per group (`layer_groups` order), the pieces its update runs as: matrices with more than
-    `chunk_values` values that `chunkable(path, shape)` allows are updated in row chunks
-    (`row_chunks`), the group's other leaves in one piece. `chunk_values` 0: no chunks."""
-    plan = []
-    for group in layer_groups(num_layers):
-        sub = {k: params[k] for k in group}
-        chunked = []
-        for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
-            keys = tuple(str(k.key) for k in path)
-            if chunk_values and leaf.ndim == 2 and leaf.size > chunk_values and chunkable(keys, leaf.shape):
-                chunked.append((keys, leaf.shape))
-        paths = tuple(k for k, _ in chunked)
-        pieces = [Piece(group, chunked=paths)] if _without(sub, paths) else []
-        for keys, (rows, cols) in chunked:
-            pieces += [Piece(group, keys, a, b) for a, b in row_chunks(rows, cols, chunk_values, block_size)]
-        plan.append(pieces)
-    return plan
-
-
-def per_layer_init(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                   plan: list[list[Piece]]) -> Callable[[jax.Array], loop.TrainState]:
-    """key -> TrainState whose opt_state holds one independent `tx` state per piece of `plan`
-    ({piece.name: tx.init(piece_tree(group params, piece))})."""
-
-    def init(key):
-        params = nn.unbox(init_params(key))
-        states = {piece.name: tx.init(piece_tree({k: params[k] for k in piece.group}, piece))
-                  for pieces in plan for piece in pieces}
-        return loop.TrainState(jnp.zeros((), jnp.int32), params, states)
-
-    return init
-
-
-def per_layer_train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: list[list[Piece]], *,
-                         clip_norm: float) -> Callable:
-    """A LLaMA train step that updates each layer group as soon as its gradient exists.
-
-    Forward: embedding, blocks, head, keeping only each block's input [B, T, D]. Backward, group
-    by group (`layer_groups`): one `jax.lax.cond` region recomputes the group under `jax.vjp`
-    (full remat) and returns its weight gradient, clipped leaf by leaf at `clip_norm` (0: none),
-    and its input cotangent; then one region per piece of `plan` updates those weights (or rows)
-    with the piece's own `tx` state. Each region takes the cotangent from the previous one and
-    hands it on, so XLA cannot defer an update past the next group's backward, and no two groups'
-    gradients are alive at once. (`optimization_barrier` does not give this order: XLA's CPU
-    pipeline drops barriers before scheduling.) The regions' predicate is a finite loss; with a
-    non-finite loss no weight or state changes.
-
-    Args:
-      cfg: the model.
-      tx: the update rule without clipping; row chunks (`update_plan`) need one that acts
-        elementwise on the chunked leaves, so that chunks update exactly as the whole leaf.
-      plan: `update_plan` of the parameters.
-      clip_norm: per-leaf clipping threshold (the chunked leaf's own norm, not the chunk's).
-    Returns:
-      step(state, batch int [1, B, T + 1]) -> (state, {"loss", "grad_norm"}), with state from
-      `per_layer_init(..., plan)`; the loss of `lm.next_token_loss(llama.Llama(cfg))`.
-    """
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    block = llama.Block(cfg)
-    norm = llama.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
-    lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-    def head_loss(head_params, x, targets):
-        x = norm.apply({"params": head_params["final_norm"]}, x)
-        logits = lm_head.apply({"params": head_params["lm_head"]}, x).astype(jnp.float32)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
-
-    def backward(forward: Callable, finite, params, x, cotangent):
-        """(clipped gradient of params, cotangent of x or None, squared gradient norm).
-
-        forward(params, x) is the group's output; x None: no differentiable input."""
-
-        def run(operands):
-            params, x, cotangent = operands
-            if x is None:
-                _, vjp = jax.vjp(lambda p: forward(p, None), params)
-                (grads,), x_cotangent = vjp(cotangent), None
-            else:
-                _, vjp = jax.vjp(forward, params, x)
-                grads, x_cotangent = vjp(cotangent)
-            sq_norm = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-            if clip_norm:
-                grads = optimizers.clip_by_leaf_norm(clip_norm).update(grads, optax.EmptyState())[0]
-            return grads, x_cotangent, sq_norm
-
-        def skip(operands):
-            params, x, _ = operands
-            return (jax.tree.map(jnp.zeros_like, params), None if x is None else jnp.zeros_like(x),
-                    jnp.zeros((), jnp.float32))
-
-        return jax.lax.cond(finite, run, skip, (params, x, cotangent))
-
-    def update(finite, params, opt_state, grads, cotangent):
-        """(new params, new state, cotangent) of one piece; the cotangent passes through."""
-
-        def run(operands):
-            params, opt_state, grads, cotangent = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, cotangent
-
-        def skip(operands):
-            params, opt_state, _, cotangent = operands
-            return params, opt_state, jax.tree.map(jnp.zeros_like, cotangent)
-
-        return jax.lax.cond(finite, run, skip, (params, opt_state, grads, cotangent))
-
-    def step(state: loop.TrainState, batch):
-        if batch.shape[0] != 1:
-            raise ValueError(f"per_layer_train_step takes no gradient accumulation, got batch {batch.shape}")
-        tokens = batch[0]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        params = state.params
-        xs = [embed.apply({"params": params["embed"]}, inputs)]
-        for i in range(cfg.num_layers):
-            xs.append(block.apply({"params": params[f"layers_{i}"]}, xs[-1]))
-        loss = head_loss({k: params[k] for k in ("final_norm", "lm_head")}, xs[-1], targets)
-        finite = jnp.isfinite(loss)
-
-        groups = layer_groups(cfg.num_layers)
-        forwards = ([lambda p, x: head_loss(p, x, targets)]
-                    + [lambda p, x, g=g: block.apply({"params": p[g[0]]}, x) for g in groups[1:-1]]
-                    + [lambda p, _: embed.apply({"params": p["embed"]}, inputs)])
-        xs_by_group = [xs[-1]] + list(reversed(xs[:-1])) + [None]
-        new_params, new_states, sq_norms = {}, {}, []
-        cotangent = jnp.ones((), jnp.float32)
-        for group, pieces, forward, x in zip(groups, plan, forwards, xs_by_group):
-            group_params = {k: params[k] for k in group}
-            grads, x_cotangent, sq_norm = backward(forward, finite, group_params, x, cotangent)
-            sq_norms.append(sq_norm)
-            carry = jnp.zeros((), jnp.float32) if x_cotangent is None else x_cotangent
-            new_group, chunks = {}, {}
-            for piece in pieces:
-                new, new_states[piece.name], carry = update(
-                    finite, piece_tree(group_params, piece), state.opt_state[piece.name],
-                    piece_tree(grads, piece), carry)
-                if piece.leaf is None:
-                    new_group.update(new)
-                else:
-                    chunks.setdefault(piece.leaf, []).append(_get(new, piece.leaf))
-            for path, parts in chunks.items():
-                new_group = _merge(new_group, _nest(path, jnp.concatenate(parts, axis=0)))
-            new_params.update(new_group)
-            cotangent = carry
-        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(sq_norms))}
-        return loop.TrainState(state.step + 1, new_params, new_states), metrics
-
-    return step
-
-
-def _merge(a: dict, b: dict) -> dict:
-    """Nested dicts `a` and `b` merged (b's leaves win)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 # --------------------------------------------------------------------------- one measurement
 
 
@@ -454,45 +220,10 @@ def one_device_mesh():
     return mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
-def per_layer_setup(c, model: llama.Llama, chunk_values: int) -> tuple[Callable, Callable]:
-    """(step, init) of the per-layer schedule for training config `c` (a full-rank method).
-
-    The update rule is `c.optim`'s without clipping; the step clips each leaf at
-    `c.optim.clip_norm` itself. The embedding and LM head (leaves outside GaLore's mask) are
-    updated in row chunks of at most `chunk_values` values when the method acts elementwise
-    on them (ELEMENTWISE).
-
-    Raises:
-      ValueError: a factored method (its parameters are not the model's).
-    """
-    name = c.optim.name
-    if name in methods.FACTORED:
-        raise ValueError(f"the per-layer step trains the model's own parameters; {name!r} factors them")
-    if 0 < chunk_values < Q8_MIN_SIZE:
-        raise ValueError(f"update_chunk={chunk_values} must be 0 or at least {Q8_MIN_SIZE} values (smaller chunks "
-                         "would keep 8-bit moments unquantized)")
-    unclipped = ConfigDict(c.optim.to_dict())
-    unclipped.clip_norm = 0.0
-    tx, _ = optimizers.build_optimizer(unclipped, int(c.train.steps))
-    init_params = lm.init_params_fn(model)
-    params = nn.unbox(jax.eval_shape(init_params, jax.random.key(0)))
-    projected = {tuple(str(k.key) for k in path)
-                 for path, chosen in jax.tree_util.tree_flatten_with_path(labels.llama_galore_mask(params))[0]
-                 if chosen}
-    plan = update_plan(params, model.cfg.num_layers, chunk_values=chunk_values if name in ELEMENTWISE else 0,
-                       block_size=int(c.optim.block_size), chunkable=lambda path, shape: path not in projected)
-    step = per_layer_train_step(model.cfg, tx, plan, clip_norm=float(c.optim.clip_norm))
-    return step, per_layer_init(init_params, tx, plan)
-
-
-def abstract_step(config, c, method: methods.Method, model: llama.Llama, update: str):
-    """(step, abstract state) of the train step `update` runs for `method` (training config `c`)."""
-    key = jax.random.key(0)
-    if update == "per_layer":
-        step, init = per_layer_setup(c, model, int(config.update_chunk))
-        return step, jax.eval_shape(init, key)
-    _, abstract_state, _ = loop.state_layout(method.task.init_params, method.tx, one_device_mesh(), key)
-    return loop.make_train_step(method.task.loss_fn, method.tx), abstract_state
+def abstract_step(c, method: methods.Method, model: llama.Llama) -> tuple[Callable, loop.TrainState]:
+    """(step, abstract state) of the train step training config `c` runs for `method`, on one device."""
+    plan = per_layer.configured_step_plan(c, model, method, one_device_mesh(), jax.random.key(0))
+    return plan.step, plan.abstract_state
 
 
 def measure(config, size: str, method_name: str, update: str, *, compile_step_too: bool = True) -> dict[str, Any]:
@@ -514,7 +245,7 @@ def measure(config, size: str, method_name: str, update: str, *, compile_step_to
            "optimizer_state_bytes": report["optimizer_state_bytes"], "compiled": None, "compile_seconds": None}
     if not compile_step_too or (update == "per_layer" and method_name in methods.FACTORED):
         return row
-    step, abstract_state = abstract_step(config, c, method, model, update)
+    step, abstract_state = abstract_step(c, method, model)
     batch = jax.ShapeDtypeStruct((1, int(config.batch_size), int(config.seq_len) + 1), jnp.int32)
     compiled, seconds = compile_step(step, abstract_state, batch, compiler_options(config.xla_scheduler))
     row["compiled"] = memory_stats(compiled)

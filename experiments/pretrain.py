@@ -4,7 +4,9 @@
     python -m experiments.pretrain --config configs/llama.py:tiny --config.optim.name=galore --workdir runs/galore
 
 `--config.optim.name` picks the method (`lorank.train.methods.METHODS`: adamw,
-adamw8bit, sgd, galore, galore8bit, galore_adafactor, lowrank, lora, relora).
+adamw8bit, sgd, galore, galore8bit, galore_adafactor, lowrank, lora, relora);
+`--config.optim.update_schedule=per_layer` updates each layer as soon as its gradient
+exists (`lorank.train.per_layer`, the GaLore paper's per-layer weight updates).
 Prints the parameter counts and progress, writes metrics.jsonl, loss.png (and
 grad_stable_rank.png with --config.analysis.grad_rank=True), config.json and
 orbax checkpoints to the workdir, resumes from the newest checkpoint there, and
@@ -13,6 +15,7 @@ ends with a sample from the trained (for LoRA: merged) model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -26,7 +29,7 @@ from experiments import cli
 from lorank.analysis import curves
 from lorank.data import text, tfds_text, tokenizers
 from lorank.models import llama
-from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods, optimizers
+from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods, optimizers, per_layer
 
 SOURCES = ("text", "tfds")
 
@@ -86,6 +89,7 @@ def run(config: ConfigDict, workdir: str, *, stop_at: int | None = None, log=pri
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     loop_lib.check_batch_divides_mesh(loop_config, mesh)
     methods.check_method(config.optim, jax.eval_shape(lm.init_params_fn(model), jax.random.key(0)))
+    per_layer.check_config(config)
     optimizers.learning_rate_schedule(config.optim, loop_config.steps)  # checks lr, warmup, min_lr_ratio
 
     tokenizer = load_tokenizer(config.data, config.model.vocab_size)
@@ -100,9 +104,10 @@ def run(config: ConfigDict, workdir: str, *, stop_at: int | None = None, log=pri
     log(f"model: {llama.param_count(model.cfg):,} parameters | data: {data_text} | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} devices")
     log(methods.describe(method, report))
+    step_plan = functools.partial(per_layer.configured_step_plan, config, model, method, pad_id=pad_id)
     start = time.perf_counter()
     state, history = loop_lib.run(method.task, method.tx, loop_config, mesh, workdir, stop_at=stop_at, log=log,
-                                  scalars=optimizers.lr_scalars(method.schedule))
+                                  scalars=optimizers.lr_scalars(method.schedule), step_plan=step_plan)
     elapsed = time.perf_counter() - start
     metrics_path = os.path.join(workdir, loop_lib.METRICS_FILE)
     title = f"{model.cfg.num_layers}-layer LLaMA, {method.name}, {report['total']:,} params"

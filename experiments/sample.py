@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 
 from lorank.data import tokenizers
-from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods
+from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods, per_layer
 
 
 def load_params(workdir: str):
@@ -21,9 +21,8 @@ def load_params(workdir: str):
     model = lm.build_llama(config)
     method = methods.build_method(config, lm.shapes_task(model))
     mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    _, abstract_state, shardings = loop_lib.state_layout(method.task.init_params, method.tx, mesh,
-                                                         jax.random.key(0))
-    state = loop_lib.restore_latest(workdir, abstract_state, shardings)
+    plan = per_layer.configured_step_plan(config, model, method, mesh, jax.random.key(0))
+    state = loop_lib.restore_latest(workdir, plan.abstract_state, plan.shardings)
     return config, model, method.export(state.params)
 
 

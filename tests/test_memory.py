@@ -1,5 +1,5 @@
 """The memory experiment: closed forms against hand counts and eval_shape, the per-leaf clipping
-switch against NumPy, the per-layer step against the standard step, and the smoke run."""
+switch against NumPy, and the smoke run (the per-layer step: tests/train/test_per_layer.py)."""
 
 import importlib.util
 import pathlib
@@ -12,7 +12,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import memory
-from lorank.train import lm, loop, methods, optimizers
+from lorank.train import lm, methods, optimizers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAPER_METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore_adafactor", "lowrank", "lora", "relora")
@@ -112,86 +112,6 @@ def test_per_leaf_clipping_keeps_dtype_and_global_is_the_default():
 def test_unknown_clip_scope_is_an_error():
     with pytest.raises(ValueError, match="clip_scope='layer'"):
         optimizers.with_clipping(clip_config("layer"), optax.identity())
-
-
-def smoke_setup(method, clip_norm=0.3):
-    config = memory_config()
-    config.dtype = "float32"
-    c = memory.size_config(config, "smoke", method, "per_leaf_clip")
-    c.optim.warmup_steps = 0
-    c.optim.clip_norm = clip_norm  # below the smoke model's leaf norms: clipping acts
-    model = lm.build_llama(c)
-    return c, model, methods.build_method(c, lm.shapes_task(model))
-
-
-@pytest.mark.parametrize("method, chunk", [("adamw", 4096), ("galore8bit", 4096), ("galore_adafactor", 4096)])
-def test_per_layer_step_equals_the_standard_step(method, chunk):
-    """Same loss, gradient norm and parameters after 3 steps as loop.make_train_step with per-leaf
-    clipping (float32); the embedding and LM head in row chunks (none for Adafactor's factored moments)."""
-    c, model, m = smoke_setup(method)
-    key = jax.random.key(1)
-    init, _, _ = loop.state_layout(m.task.init_params, m.tx, memory.one_device_mesh(), key)
-    standard = init(key)
-    step_b, init_b = memory.per_layer_setup(c, model, chunk)
-    layered = init_b(key)
-    chunked = [name for name in layered.opt_state if "[" in name]
-    assert bool(chunked) == (chunk > 0 and method in memory.ELEMENTWISE), chunked
-    batch = jax.random.randint(jax.random.key(2), (1, 2, 33), 0, c.model.vocab_size)
-    step_a, step_b = jax.jit(loop.make_train_step(m.task.loss_fn, m.tx)), jax.jit(step_b)
-    for _ in range(3):
-        standard, metrics_a = step_a(standard, batch)
-        layered, metrics_b = step_b(layered, batch)
-        np.testing.assert_allclose(metrics_b["loss"], metrics_a["loss"], rtol=1e-6)
-        np.testing.assert_allclose(metrics_b["grad_norm"], metrics_a["grad_norm"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), standard.params, layered.params)
-    assert not np.allclose(standard.params["lm_head"]["kernel"], init(key).params["lm_head"]["kernel"])
-
-
-def test_per_layer_step_skips_the_update_on_a_nonfinite_loss():
-    c, model, _ = smoke_setup("adamw")
-    step, init = memory.per_layer_setup(c, model, 4096)
-    state = init(jax.random.key(0))
-    state = state.replace(params={**state.params, "lm_head": {"kernel": state.params["lm_head"]["kernel"] * jnp.nan}})
-    new, metrics = jax.jit(step)(state, jnp.zeros((1, 2, 33), jnp.int32))
-    assert not np.isfinite(metrics["loss"])
-    for name in ("embed", "layers_0"):
-        jax.tree.map(np.testing.assert_array_equal, new.params[name], state.params[name])
-
-
-def test_per_layer_setup_rejects_factored_methods_and_tiny_chunks():
-    c, model, _ = smoke_setup("adamw")
-    with pytest.raises(ValueError, match="update_chunk=1000"):
-        memory.per_layer_setup(c, model, 1000)
-    c.optim.name = "lora"
-    with pytest.raises(ValueError, match="'lora' factors them"):
-        memory.per_layer_setup(c, model, 0)
-
-
-def test_row_chunks_cover_the_rows_in_whole_quantization_blocks():
-    chunks = memory.row_chunks(32000, 4096, 2**24, 256)
-    assert chunks[0] == (0, 4096) and chunks[-1][1] == 32000
-    assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:]))
-    assert all((b - a) * 4096 <= 2**24 for a, b in chunks)
-    # 100 columns: a block of 256 values ends on a row boundary every 64 rows.
-    assert all(a * 100 % 256 == 0 for a, _ in memory.row_chunks(1000, 100, 10_000, 256))
-
-
-def test_update_plan_and_piece_trees():
-    params = {"embed": {"embedding": jnp.zeros((64, 32))}, "final_norm": {"scale": jnp.zeros(32)},
-              "lm_head": {"kernel": jnp.zeros((32, 64))}, "layers_0": {"w": {"kernel": jnp.zeros((32, 32))}}}
-    plan = memory.update_plan(params, 1, chunk_values=1024, block_size=256,
-                              chunkable=lambda path, shape: path[0] != "layers_0")
-    names = [[p.name for p in pieces] for pieces in plan]
-    assert names == [["final_norm+lm_head", "lm_head/kernel[0:16]", "lm_head/kernel[16:32]"], ["layers_0"],
-                     ["embed/embedding[0:32]", "embed/embedding[32:64]"]]
-    head = {k: params[k] for k in ("final_norm", "lm_head")}
-    assert jax.tree.structure(memory.piece_tree(head, plan[0][0])) == jax.tree.structure(
-        {"final_norm": {"scale": 0}})
-    assert memory.piece_tree(head, plan[0][2])["lm_head"]["kernel"].shape == (16, 64)
-
-
-def test_layer_groups_follow_the_backward_pass():
-    assert memory.layer_groups(2) == [("final_norm", "lm_head"), ("layers_1",), ("layers_0",), ("embed",)]
 
 
 def test_smoke_run_measures_without_touching_docs(tmp_path):

@@ -31,14 +31,18 @@ def next_token_loss(model: nn.Module, pad_id: int | None = None) -> Callable[[di
 
     def loss_fn(params, sequences):
         logits = model.apply({"params": params}, sequences[:, :-1])
-        targets = sequences[:, 1:]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        if pad_id is None:
-            return jnp.mean(losses)
-        mask = (targets != pad_id).astype(losses.dtype)
-        return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return mean_cross_entropy(logits, sequences[:, 1:], pad_id)
 
     return loss_fn
+
+
+def mean_cross_entropy(logits: jax.Array, targets: jax.Array, pad_id: int | None = None) -> jax.Array:
+    """Mean cross-entropy of logits [..., V] against int targets [...], leaving out targets equal to `pad_id`."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if pad_id is None:
+        return jnp.mean(losses)
+    mask = (targets != pad_id).astype(losses.dtype)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], dict]:

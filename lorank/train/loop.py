@@ -17,6 +17,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -190,6 +191,29 @@ def state_layout(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     return init_state, abstract_state, shardings
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How a run builds, lays out and advances its train state.
+
+    Attributes:
+      init_state: key -> TrainState.
+      abstract_state: the TrainState of ShapeDtypeStructs `init_state` returns.
+      shardings: the TrainState of NamedShardings it lives in.
+      step: (state, batch [grad_accum, micro_batch, ...]) -> (state, {"loss", "grad_norm"}).
+    """
+
+    init_state: Callable[[jax.Array], TrainState]
+    abstract_state: TrainState
+    shardings: TrainState
+    step: Callable
+
+
+def joint_step_plan(task: Task, tx: optax.GradientTransformation, mesh: Mesh, key: jax.Array) -> StepPlan:
+    """The standard plan: `state_layout` and `make_train_step` (every gradient, then every update)."""
+    init_state, abstract_state, shardings = state_layout(task.init_params, tx, mesh, key)
+    return StepPlan(init_state, abstract_state, shardings, make_train_step(task.loss_fn, tx))
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
     """(state, batch [accum, micro, ...]) -> (state, {loss, grad_norm}); gradients averaged over accum."""
     grad_fn = jax.value_and_grad(loss_fn)
@@ -284,7 +308,8 @@ class _Progress:
 
 def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Mesh, workdir: str, *,
         stop_at: int | None = None, log: Callable[[str], None] = print,
-        scalars: Callable[[int], dict[str, float]] | None = None) -> tuple[TrainState, list[dict]]:
+        scalars: Callable[[int], dict[str, float]] | None = None,
+        step_plan: Callable[[Mesh, jax.Array], StepPlan] | None = None) -> tuple[TrainState, list[dict]]:
     """Trains `task` with `tx` for `loop.steps` steps (resuming from `workdir` if it holds a checkpoint).
 
     Args:
@@ -297,6 +322,8 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
         would; the run continues when started again with the same workdir.
       log: where progress lines go.
       scalars: step -> extra scalars to log (e.g. the learning rate).
+      step_plan: (mesh, key) -> the `StepPlan` to train with (e.g.
+        `lorank.train.per_layer.step_plan`); None: `joint_step_plan(task, tx, ...)`.
     Returns:
       The final train state and the metrics records written during this call.
     """
@@ -306,7 +333,8 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
     os.makedirs(workdir, exist_ok=True)
 
     key = jax.random.key(loop.seed)
-    init_state, abstract_state, shardings = state_layout(task.init_params, tx, mesh, key)
+    plan = (step_plan or functools.partial(joint_step_plan, task, tx))(mesh, key)
+    abstract_state, shardings = plan.abstract_state, plan.shardings
     param_shardings = shardings.params
     batch_sharding = mesh_lib.batch_sharding(mesh, leading_dims=1)
 
@@ -319,11 +347,11 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
         _rewrite_metrics(metrics_path, latest)
         log(f"resumed from {workdir} at step {latest}")
     else:
-        state = jax.jit(init_state, out_shardings=shardings)(key)
+        state = jax.jit(plan.init_state, out_shardings=shardings)(key)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)  # a workdir without checkpoints holds no run to continue
 
-    train_step = jax.jit(make_train_step(task.loss_fn, tx), in_shardings=(shardings, batch_sharding),
+    train_step = jax.jit(plan.step, in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     eval_loss = jax.jit(task.loss_fn, in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)))
 
