@@ -85,12 +85,15 @@ def _decision_points(signed: bool) -> np.ndarray:
 def _nearest_code(normed: jax.Array, signed: bool) -> jax.Array:
     """Index of the nearest code-map entry: the number of decision points below each value.
 
-    A branch-free binary search, 8 rounds of one gather and one compare.
+    A branch-free binary search, 8 rounds of one compare (the first against a scalar, the
+    others against a gather). Starting from a scalar rather than a zero index array keeps
+    XLA from constant-folding a gather the size of `normed`, which made compiling large
+    8-bit leaves slow.
     """
     points = np.concatenate([_decision_points(signed), [np.inf]]).astype(np.float32)  # [256]
+    idx = jnp.where(normed > points[127], 128, 0).astype(jnp.int32)
     points = jnp.asarray(points)
-    idx = jnp.zeros(normed.shape, jnp.int32)
-    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+    for step in (64, 32, 16, 8, 4, 2, 1):
         idx = jnp.where(normed > points[idx + step - 1], idx + step, idx)
     return idx
 
