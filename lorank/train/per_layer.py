@@ -9,7 +9,7 @@ are alive at once (and global-norm clipping needs them all). The per-layer step
 back-propagates layer group by layer group (`layer_groups`: head, last block,
 ..., first block, embedding) and updates each group's weights before the next
 group's backward, so at most one group's gradient exists at a time: the 7B
-8-bit GaLore train step fits in 20.8 GB instead of 62 GB (docs/memory.md).
+8-bit GaLore train step fits in 20.7 GB instead of 47.6 GB (docs/memory.md).
 With per-leaf clipping (or none) it computes exactly what the standard step
 computes; it takes no gradient accumulation and trains the model's own
 parameters (full-rank methods, GaLore included; not lowrank, lora, relora).
