@@ -138,7 +138,7 @@ def train_method(config, name: str, base_lr: float, multiplier: float, workdir: 
 
 
 def run(config, workdir) -> dict:
-    """Trains every method at every learning rate in workdir/METHOD/lr_MULT; returns the results and checks."""
+    """Trains every method at every learning rate in workdir/METHOD/lr_PEAK; returns the results and checks."""
     names = method_list(config.methods)
     multipliers = multiplier_list(config.lr_multipliers)
     lrs = base_lrs(config, names)
