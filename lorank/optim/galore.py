@@ -295,6 +295,23 @@ class ScaleByGaloreState(NamedTuple):
     last_nonfinite: jax.Array  # int32 [], step of the last refused refresh, -1 if none
 
 
+def _initial_projector(plan: _Plan, dtype: Any, update_proj_gap: Any) -> ProjectorState:
+    """Zero projectors due for a refresh at step 0, interval `update_proj_gap`.
+
+    Every leaf is a fresh array (`jnp.array` copies even an array argument, such as
+    a hyperparameter of `optax.inject_hyperparams`), so no two leaves of a state share
+    a buffer and an eagerly initialised state can be donated to a jitted step.
+    """
+    r = plan.rank
+    return ProjectorState(
+        left=jnp.zeros((plan.m, r), dtype) if plan.side in ("left", "full") else None,
+        right=jnp.zeros((r, plan.n), dtype) if plan.side in ("right", "full") else None,
+        next_refresh=jnp.zeros([], jnp.int32),
+        gap=jnp.array(update_proj_gap, jnp.int32),
+        streak=jnp.zeros([], jnp.int32),
+        refreshes=jnp.zeros([], jnp.int32))
+
+
 def _plan_from_state(g: jax.Array, proj: ProjectorState, ax: Optional[MatrixAxes], where: str) -> _Plan:
     shape = tuple(g.shape)
     rows, cols = (ax or MatrixAxes(0, 1)).resolve(len(shape), where)
@@ -505,17 +522,13 @@ def scale_by_galore(
         leaves, treedef = jax.tree.flatten(params)
         plans = _plans(params, rank, proj_type, galore_mask, matrix_axes)
         projectors, proxies = [], []
-        gap0 = jnp.asarray(update_proj_gap, jnp.int32)
         for p, plan in zip(leaves, plans):
             if plan is None:
                 projectors.append(optax.MaskedNode())
                 proxies.append(p)
                 continue
             dtype = projector_dtype or p.dtype
-            left = jnp.zeros((plan.m, rank), dtype) if plan.side in ("left", "full") else None
-            right = jnp.zeros((rank, plan.n), dtype) if plan.side in ("right", "full") else None
-            zero = jnp.zeros([], jnp.int32)
-            projectors.append(ProjectorState(left, right, zero, gap0, zero, zero))
+            projectors.append(_initial_projector(plan, dtype, update_proj_gap))
             proxies.append(jnp.zeros(plan.low_shape, jnp.promote_types(p.dtype, dtype)))
         return ScaleByGaloreState(
             count=jnp.zeros([], jnp.int32),
