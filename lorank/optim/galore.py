@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lorank import checks
 from lorank.optim import quantize as q8
 from lorank.optim.labels import path_str
 
@@ -144,17 +145,6 @@ def _broadcast_to_leaves(spec: Any, params: Any, what: str, is_leaf=None) -> lis
             f"is not a prefix of the params' tree {treedef} ({err})") from None
 
 
-def _as_bool(value: Any, where: str) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and value.dtype == bool:
-        try:
-            return bool(value)
-        except jax.errors.ConcretizationTypeError:
-            pass
-    raise ValueError(f"galore_mask leaf at {where} must be a Python bool, got {value!r}")
-
-
 def _plans(params: Any, rank: int, proj_type: str, galore_mask: Any, matrix_axes: Any) -> list:
     """One _Plan (projected) or None (inner at full rank) per leaf of `params`."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -169,7 +159,8 @@ def _plans(params: Any, rank: int, proj_type: str, galore_mask: Any, matrix_axes
         shape = tuple(leaf.shape)
         if ax is not None and not isinstance(ax, MatrixAxes):
             raise ValueError(f"matrix_axes leaf at {where} must be a MatrixAxes or None, got {ax!r}")
-        selected = (len(shape) == 2 or ax is not None) if sel is None else _as_bool(sel, where)
+        selected = ((len(shape) == 2 or ax is not None) if sel is None
+                    else checks.boolean(f"galore_mask leaf at {where}", sel))
         if not selected:
             plans.append(None)
             continue
@@ -359,62 +350,6 @@ def _reproject_moment(mu: jax.Array, old: ProjectorState, new: ProjectorState, p
     return out
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _concrete(name: str, value: Any) -> Optional[float]:
-    """float(value), or None for a traced value (e.g. a hyperparameter under inject_hyperparams)."""
-    if isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except jax.errors.ConcretizationTypeError:
-        return None
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_gap(value: Any, name: str = "update_proj_gap") -> None:
-    v = _concrete(name, value)
-    if v is None:
-        return
-    if isinstance(value, bool) or v != int(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:
-    v = _concrete(name, value)
-    if v is None:
-        return
-    ok = low <= v <= high if closed_high else low <= v < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")
-
-
-def _check_rank(rank: Any) -> Optional[int]:
-    """rank as an int; None when traced (inside optax.inject_hyperparams' update, where the
-    state's shapes carry it)."""
-    v = _concrete("rank", rank)
-    if v is None:
-        return None
-    if isinstance(rank, bool) or v != int(v) or v <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    return int(v)
-
-
-def _check_int_or_traced(name: str, value: Any, minimum: int) -> None:
-    v = _concrete(name, value)
-    if v is not None and (isinstance(value, bool) or v != int(v) or v < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 # --------------------------------------------------------------------------- transformation
 
 
@@ -473,30 +408,20 @@ def scale_by_galore(
       An optax GradientTransformation with state ScaleByGaloreState. Updates
       have the gradients' dtypes.
     """
-    rank = _check_rank(rank)
-    _check_gap(update_proj_gap)
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"proj_type={proj_type!r} is not one of {PROJ_TYPES}")
-    if svd not in SVD_METHODS:
-        raise ValueError(f"svd={svd!r} is not one of {SVD_METHODS}")
-    oversample = DEFAULT_OVERSAMPLE if oversample is None else _check_int("oversample", oversample, 0)
-    power_iters = DEFAULT_POWER_ITERS if power_iters is None else _check_int("power_iters", power_iters, 0)
-    _check_int_or_traced("seed", seed, 0)
-    _check_int_or_traced("lazy_patience", lazy_patience, 1)
-    scale_v = None if scale is None else _concrete("scale", scale)
-    if scale is None or (scale_v is not None and not np.isfinite(scale_v)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    rank = checks.integer_or_traced("rank", rank, minimum=1)
+    gap_value = checks.integer_or_traced("update_proj_gap", update_proj_gap, minimum=1)
+    checks.one_of("proj_type", proj_type, PROJ_TYPES)
+    checks.one_of("svd", svd, SVD_METHODS)
+    oversample = DEFAULT_OVERSAMPLE if oversample is None else checks.integer("oversample", oversample, 0)
+    power_iters = DEFAULT_POWER_ITERS if power_iters is None else checks.integer("power_iters", power_iters, 0)
+    checks.integer_or_traced("seed", seed, minimum=0)
+    checks.integer_or_traced("lazy_patience", lazy_patience, minimum=1)
+    checks.number("scale", scale)
     if lazy_threshold is not None:
-        v = _concrete("lazy_threshold", lazy_threshold)
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"lazy_threshold must lie in (0, 1], got {lazy_threshold!r}")
+        checks.number("lazy_threshold", lazy_threshold, low=0, high=1, low_open=True)
     if max_update_proj_gap is not None:
-        _check_gap(max_update_proj_gap, "max_update_proj_gap")
-        gap_v = _concrete("update_proj_gap", update_proj_gap)
-        max_v = _concrete("max_update_proj_gap", max_update_proj_gap)
-        if gap_v is not None and max_v is not None and max_v < gap_v:
-            raise ValueError(
-                f"max_update_proj_gap={max_update_proj_gap!r} is smaller than update_proj_gap={update_proj_gap!r}")
+        checks.integer_or_traced("max_update_proj_gap", max_update_proj_gap,
+                                 minimum=1 if gap_value is None else gap_value)
     if isinstance(moment_fields, str):
         moment_fields = (moment_fields,)
     moment_fields = tuple(moment_fields)
@@ -685,11 +610,9 @@ def _galore_options(factory_locals: dict) -> dict:
 def _with_decay_and_lr(galore: optax.GradientTransformation, learning_rate: Any, weight_decay: Any,
                        mask: Any) -> optax.GradientTransformation:
     """galore -> decoupled weight decay in full parameter space -> -learning_rate."""
-    _check_range("weight_decay", weight_decay, 0.0, math.inf)
-    if learning_rate is None:
-        raise ValueError("learning_rate must be a number or a schedule, got None")
+    checks.number("weight_decay", weight_decay, low=0)
     if not callable(learning_rate):
-        _concrete("learning_rate", learning_rate)
+        checks.number("learning_rate", learning_rate)
     return optax.chain(galore, optax.add_decayed_weights(weight_decay, mask),
                        optax.scale_by_learning_rate(learning_rate))
 
@@ -731,9 +654,7 @@ def galore_adamw(
     "matrix_axes") for the ones given as callables. Other arguments: see
     `scale_by_galore`.
     """
-    _check_range("b1", b1, 0.0, 1.0)
-    _check_range("b2", b2, 0.0, 1.0)
-    _check_range("eps", eps, 0.0, math.inf)
+    q8.check_adam_hyperparameters(b1, b2, eps)
     inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
     galore = scale_by_galore(rank, update_proj_gap, scale, proj_type, inner, **_galore_options(locals()))
     return _with_decay_and_lr(galore, learning_rate, weight_decay, mask)
@@ -772,9 +693,6 @@ def galore_adamw_8bit(
     Low-rank and full-rank moments with at least `min_size` values are stored as
     uint8 codes plus one float32 scale per `block_size` values.
     """
-    _check_range("b1", b1, 0.0, 1.0)
-    _check_range("b2", b2, 0.0, 1.0)
-    _check_range("eps", eps, 0.0, math.inf)
     inner = q8.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, block_size=block_size, min_size=min_size)
     galore = scale_by_galore(rank, update_proj_gap, scale, proj_type, inner, **_galore_options(locals()))
     return _with_decay_and_lr(galore, learning_rate, weight_decay, mask)
@@ -825,12 +743,12 @@ def galore_adafactor(
     not applied (the inner transformation never sees parameters); pass a
     schedule as `learning_rate`.
     """
-    _check_range("decay_rate", decay_rate, 0.0, 1.0, closed_high=True)
-    _check_range("eps", eps, 0.0, math.inf)
+    checks.number("decay_rate", decay_rate, low=0, high=1)
+    checks.number("eps", eps, low=0)
     if momentum is not None:
-        _check_range("momentum", momentum, 0.0, 1.0)
+        checks.number("momentum", momentum, low=0, high=1, high_open=True)
     if clipping_threshold is not None:
-        _check_range("clipping_threshold", clipping_threshold, 0.0, math.inf)
+        checks.number("clipping_threshold", clipping_threshold, low=0)
     parts = [_shapes_as_params(optax.scale_by_factored_rms(
         decay_rate=decay_rate, epsilon=eps, min_dim_size_to_factor=min_dim_size_to_factor))]
     if clipping_threshold is not None:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorank import checks
+
 NUM_CODES = 256
 _EXPONENTS = 7  # decades 1e-6 .. 1e0
 MIN_SIZE = 4096  # default: leaves with fewer values keep unquantized moments
@@ -180,27 +182,12 @@ def store_moment(value: jax.Array, like: Any) -> Any:
     return value.astype(like.dtype)
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: Any) -> None:
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return  # traced (e.g. under optax.inject_hyperparams): checked by the caller's own values
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return
-    if not v >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+def check_adam_hyperparameters(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
+    """ValueError unless b1, b2 lie in [0, 1) and eps, eps_root are finite and >= 0 (tracers pass)."""
+    checks.number("b1", b1, low=0, high=1, high_open=True)
+    checks.number("b2", b2, low=0, high=1, high_open=True)
+    checks.number("eps", eps, low=0)
+    checks.number("eps_root", eps_root, low=0)
 
 
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
@@ -221,13 +208,9 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, ep
     Returns:
       An optax GradientTransformation; its updates have the gradients' dtype.
     """
-    _check_unit_interval("b1", b1)
-    _check_unit_interval("b2", b2)
-    _check_nonnegative("eps", eps)
-    _check_nonnegative("eps_root", eps_root)
-    _check_positive_int("block_size", block_size)
-    if not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ValueError(f"min_size must be a non-negative integer, got {min_size!r}")
+    check_adam_hyperparameters(b1, b2, eps, eps_root)
+    checks.integer("block_size", block_size, minimum=1)
+    checks.integer("min_size", min_size, minimum=0)
 
     def zeros(p, signed):
         if p.size >= min_size:
