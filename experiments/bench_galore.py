@@ -44,9 +44,9 @@ import optax  # noqa: E402
 from experiments import benchlib  # noqa: E402
 from lorank.data import text  # noqa: E402
 from lorank.models.llama import Llama, LlamaConfig, param_count  # noqa: E402
-from lorank.optim import (galore_adamw, galore_adamw_8bit, galore_metrics, llama_galore_mask,  # noqa: E402
-                          tree_nbytes)
-from lorank.optim import galore as gl  # noqa: E402
+from lorank.optim import (ProjectorState, find_galore_states, galore_adamw, galore_adamw_8bit,  # noqa: E402
+                          galore_metrics, llama_galore_mask, tree_nbytes)
+from lorank.optim import svd as svd_lib  # noqa: E402
 
 SECTIONS = ("bytes", "step", "optax", "torch", "svd", "signs")
 # The paper's configurations (hidden, intermediate, heads, layers) and GaLore ranks.
@@ -411,7 +411,7 @@ def section_svd(args) -> tuple[str, dict]:
     results = {"gradient": desc, "exact_s": t_exact, "ranks": {}}
     rows = []
     for r in ranks:
-        rand = jax.jit(lambda x, k, r=r: gl.randomized_top_singular(x, r, k))
+        rand = jax.jit(lambda x, k, r=r: svd_lib.randomized_top_singular(x, r, k))
         key = jax.random.PRNGKey(r)
         rand_c = rand.lower(g, key).compile()
         log(f"svd: randomized rank {r}")
@@ -421,7 +421,7 @@ def section_svd(args) -> tuple[str, dict]:
         results["ranks"][r] = {"randomized_s": t_rand, "speedup": t_exact / t_rand, "energy": e}
         rows.append([r, t_exact, t_rand, t_exact / t_rand, f"{100 * e:.4f}%", f"{1 - e:.1e}"])
     body = (f"Refresh of {desc}: exact `jnp.linalg.svd` vs `svd=\"randomized\"` (oversample "
-            f"{gl.DEFAULT_OVERSAMPLE}, {gl.DEFAULT_POWER_ITERS} power iterations). Energy = "
+            f"{svd_lib.DEFAULT_OVERSAMPLE}, {svd_lib.DEFAULT_POWER_ITERS} power iterations). Energy = "
             "||P^T G||^2 / ||U_r^T G||^2. Target at rank 128: speedup >= 10, energy >= 99%.\n\n"
             + benchlib.markdown_table(["rank", "exact (s)", "randomized (s)", "speedup", "energy", "1 - energy"],
                                       rows))
@@ -450,7 +450,7 @@ def section_svd(args) -> tuple[str, dict]:
     grads = jax.jit(jax.grad(loss))(params, train(args.warm_steps))
     mask = llama_galore_mask(params)
     r60 = 16 if args.smoke else 128
-    randomized = jax.jit(lambda x: gl.randomized_top_singular(x, r60, jax.random.PRNGKey(0)))
+    randomized = jax.jit(lambda x: svd_lib.randomized_top_singular(x, r60, jax.random.PRNGKey(0)))
     energies = []
     for g_leaf, sel in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)):
         if not sel:
@@ -474,9 +474,9 @@ def section_svd(args) -> tuple[str, dict]:
 def _projector_leaves(opt_state) -> list[jax.Array]:
     """Every projector matrix (P or Q) in the state, as float32 NumPy arrays."""
     out = []
-    for g in gl.find_galore_states(opt_state):
-        for p in jax.tree.leaves(g.projectors, is_leaf=lambda x: isinstance(x, gl.ProjectorState)):
-            if isinstance(p, gl.ProjectorState):
+    for g in find_galore_states(opt_state):
+        for p in jax.tree.leaves(g.projectors, is_leaf=lambda x: isinstance(x, ProjectorState)):
+            if isinstance(p, ProjectorState):
                 out += [np.asarray(p.left, np.float32)] if p.left is not None else []
                 out += [np.asarray(p.right, np.float32).T] if p.right is not None else []
     return out

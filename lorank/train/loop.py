@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 
-from lorank.optim.galore import galore_state_shardings
+from lorank.optim.sharding import optimizer_state_shardings
 from lorank.train import mesh as mesh_lib
 
 METRICS_FILE = "metrics.jsonl"
@@ -172,7 +172,7 @@ def state_layout(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     Parameters follow their logical axes; optimizer-state leaves follow the
     parameter they belong to, GaLore projectors and low-rank moments their
     parameter's row or column sharding, and the rest is replicated
-    (`lorank.optim.galore_state_shardings`).
+    (`lorank.optim.optimizer_state_shardings`).
 
     Returns:
       (init_state: key -> TrainState, abstract state of ShapeDtypeStructs,
@@ -187,7 +187,7 @@ def state_layout(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
     param_shardings = mesh_lib.logical_shardings(boxed, mesh)
     abstract_state = jax.eval_shape(init_state, key)
     shardings = TrainState(step=mesh_lib.replicated(mesh), params=param_shardings,
-                           opt_state=galore_state_shardings(tx, nn.unbox(boxed), param_shardings, mesh=mesh))
+                           opt_state=optimizer_state_shardings(tx, nn.unbox(boxed), param_shardings, mesh=mesh))
     return init_state, abstract_state, shardings
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorank.models import llama
 from lorank.optim import labels, quantize
-from lorank.optim.galore import galore_state_shardings
+from lorank.optim.sharding import optimizer_state_shardings
 from lorank.train import lm, loop, methods, optimizers
 from lorank.train import mesh as mesh_lib
 
@@ -334,7 +334,7 @@ def step_plan(config, model: llama.Llama, task: loop.Task, mesh: Mesh, key: jax.
     `optim.clip_norm` itself). With `optim.update_chunk` > 0, the embedding and LM head (the
     leaves outside GaLore's mask) are updated in row chunks of at most that many values when
     the method acts elementwise on them (ELEMENTWISE). Each piece's optimizer state follows its
-    parameters' sharding (`galore_state_shardings`; a chunk keeps its leaf's sharding where the
+    parameters' sharding (`optimizer_state_shardings`; a chunk keeps its leaf's sharding where the
     mesh divides the chunk).
 
     Args:
@@ -368,7 +368,7 @@ def step_plan(config, model: llama.Llama, task: loop.Task, mesh: Mesh, key: jax.
         else:
             leaf_sharding = _fit(_get(group_shardings, piece.leaf), _get(shapes, piece.leaf).shape)
             shardings = _nest(piece.leaf, leaf_sharding)
-        state_shardings[piece.name] = galore_state_shardings(tx, shapes, shardings, mesh=mesh)
+        state_shardings[piece.name] = optimizer_state_shardings(tx, shapes, shardings, mesh=mesh)
     shardings = loop.TrainState(mesh_lib.replicated(mesh), param_shardings, state_shardings)
     step = train_step(model.cfg, tx, plan, clip_norm=float(c.clip_norm), pad_id=pad_id)
     return loop.StepPlan(init, jax.eval_shape(init, key), shardings, step)

@@ -9,9 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from lorank.optim import galore as gl
-from lorank.optim import (MatrixAxes, PROJ_TYPES, galore_adafactor, galore_adamw, galore_adamw_8bit,
-                          galore_metrics, scale_by_galore)
+from lorank.optim import (MatrixAxes, PROJ_TYPES, ProjectorState, canonical_signs, galore_adafactor, galore_adamw,
+                          galore_adamw_8bit, galore_metrics, scale_by_galore)
 
 RANK = 4
 SHAPES = {"tall": (24, 10), "wide": (8, 20), "bias": (10,), "small": (3, 5)}
@@ -140,7 +139,7 @@ def _canonical_svd(svd):
     @functools.wraps(svd)
     def wrapped(a, *args, **kwargs):
         u, s, vh = svd(a, *args, **kwargs)
-        return gl.canonical_signs(u, axis=0), s, gl.canonical_signs(vh, axis=1)
+        return canonical_signs(u, axis=0), s, canonical_signs(vh, axis=1)
 
     return wrapped
 
@@ -321,9 +320,9 @@ def test_canonical_signs_are_sign_invariant_to_input():
     rng = np.random.default_rng(3)
     u = np.linalg.qr(rng.normal(size=(12, 4)))[0].astype(np.float32)
     flips = np.array([1, -1, -1, 1], np.float32)
-    np.testing.assert_array_equal(gl.canonical_signs(jnp.asarray(u), 0),
-                                  gl.canonical_signs(jnp.asarray(u * flips), 0))
-    np.testing.assert_allclose(gl.canonical_signs(jnp.asarray(u), 0), np_canonical(u, 0), atol=0)
+    np.testing.assert_array_equal(canonical_signs(jnp.asarray(u), 0),
+                                  canonical_signs(jnp.asarray(u * flips), 0))
+    np.testing.assert_allclose(canonical_signs(jnp.asarray(u), 0), np_canonical(u, 0), atol=0)
 
 
 def test_align_signs_makes_vectors_agree_with_previous_projector():
@@ -487,7 +486,7 @@ def test_mask_prefix_and_callable_select_leaves():
     params = {"a": {"x": jnp.zeros((12, 10)), "y": jnp.zeros((12, 10))}, "b": jnp.zeros((12, 10))}
     state = scale_by_galore(RANK, galore_mask={"a": True, "b": False}).init(params)
     assert isinstance(state.projectors["b"], optax.MaskedNode)
-    assert isinstance(state.projectors["a"]["y"], gl.ProjectorState)
+    assert isinstance(state.projectors["a"]["y"], ProjectorState)
     state = scale_by_galore(RANK, galore_mask=lambda p: jax.tree.map(lambda _: False, p)).init(params)
     assert all(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
         state.projectors, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))

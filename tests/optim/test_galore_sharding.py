@@ -1,4 +1,4 @@
-"""GaLore under a mesh of 8 fake CPU devices, and orbax save/restore of the whole state."""
+"""State shardings under a mesh of 8 fake CPU devices (GaLore, AdamW, any tree), and orbax save/restore."""
 
 import chex
 import jax
@@ -9,7 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lorank.optim import MatrixAxes, galore_adamw, galore_adamw_8bit, galore_state_shardings
+from lorank.optim import (MatrixAxes, galore_adamw, galore_adamw_8bit, optimizer_state_shardings,
+                          tree_shardings)
 
 SPECS = {"wq": P("fsdp", "tensor"), "down": P("tensor", "fsdp"), "b": P("tensor"),
          "x3": P("fsdp", "tensor", None)}
@@ -62,7 +63,7 @@ def run(tx, params, steps, shard=None):
 def test_state_shardings_follow_param_shardings(eight_bit):
     _, params, param_shardings = mesh_and_params()
     tx = make_tx(eight_bit)
-    g = galore_state_shardings(tx, params, param_shardings, matrix_axes=AXES)[0]
+    g = optimizer_state_shardings(tx, params, param_shardings, matrix_axes=AXES)[0]
     assert g.projectors["wq"].right.spec == P(None, "tensor")  # 32 x 24 std: Q [r, 24]
     assert g.projectors["down"].right.spec == P(None, "fsdp")  # 48 x 16: Q [r, 16]
     assert g.projectors["x3"].left.spec == P("fsdp", None)  # 16 x (2*12): P [16, r]
@@ -80,7 +81,7 @@ def test_state_shardings_follow_param_shardings(eight_bit):
 def test_eight_devices_equal_one_device():
     _, params, param_shardings = mesh_and_params()
     tx = make_tx(eight_bit=False)
-    state_shardings = galore_state_shardings(tx, params, param_shardings, matrix_axes=AXES)
+    state_shardings = optimizer_state_shardings(tx, params, param_shardings, matrix_axes=AXES)
     sharded = jax.device_put(params, param_shardings)
     p8, s8 = run(tx, sharded, 5, shard=(param_shardings, state_shardings))
     p1, s1 = run(tx, params, 5)
@@ -123,3 +124,40 @@ def test_orbax_save_restore_resumes_bit_exactly(tmp_path):
     chex.assert_trees_all_equal(p, straight_p)
     chex.assert_trees_all_equal(s, straight_s)
     assert int(s[0].projectors["wq"].refreshes) == 3  # steps 0, 2, 4
+
+
+def test_tree_shardings_of_non_gradient_state():
+    mesh, params, param_shardings = mesh_and_params()
+    sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    tree = {
+        "ema": jax.eval_shape(lambda p: p, params),  # the params' structure: each leaf its parameter's sharding
+        "col_stats": {"wq": sds((32,)), "down": sds((16,)), "b": sds((24,)), "x3": sds((16, 12))},  # one axis dropped
+        "batch_stats": {"bn": {"mean": sds((24,)), "var": sds((24,))}},  # another structure: replicated
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    specs = {k: s.spec for k, s in param_shardings.items()}
+    out = tree_shardings(tree, params, specs, mesh=mesh)
+    assert jax.tree.map(lambda s: s.spec, out["ema"]) == specs
+    assert jax.tree.map(lambda s: s.spec, out["col_stats"]) == {
+        "wq": P("fsdp"), "down": P("fsdp"), "b": P("tensor"), "x3": P("fsdp", None)}
+    assert out["batch_stats"]["bn"]["mean"].spec == P() and out["step"].spec == P()
+    assert all(s.mesh == mesh for s in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize("make", [lambda: make_tx(eight_bit=True), lambda: optax.adamw(1e-3)],
+                         ids=["galore_adamw_8bit", "optax.adamw"])
+def test_optimizer_state_shardings_is_tree_shardings_of_init(make):
+    _, params, param_shardings = mesh_and_params()
+    tx = make()
+    expected = tree_shardings(jax.eval_shape(tx.init, params), params, param_shardings, matrix_axes=AXES)
+    got = optimizer_state_shardings(tx, params, param_shardings, matrix_axes=AXES)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    assert jax.tree.leaves(got) == jax.tree.leaves(expected)
+
+
+def test_adamw_moments_follow_their_parameters():
+    _, params, param_shardings = mesh_and_params()
+    adam = optimizer_state_shardings(optax.adamw(1e-3), params, param_shardings)[0]
+    for moments in (adam.mu, adam.nu):
+        assert jax.tree.map(lambda s: s.spec, moments) == {k: s.spec for k, s in param_shardings.items()}
+    assert adam.count.spec == P()
