@@ -22,6 +22,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _STATIC_HINT = "a concrete value (it fixes shapes: under optax.inject_hyperparams give it in static_args)"
@@ -48,9 +49,9 @@ def _kind(value: Any) -> Optional[str]:
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
         return "bool"
-    if np.issubdtype(dtype, np.integer):
+    if jnp.issubdtype(dtype, jnp.integer):
         return "int"
-    if np.issubdtype(dtype, np.floating):
+    if jnp.issubdtype(dtype, jnp.floating):  # bfloat16 and the other ml_dtypes floats included
         return "real"
     return None
 

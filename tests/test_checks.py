@@ -44,7 +44,8 @@ def test_is_traced_only_inside_transformations():
 
 @pytest.mark.parametrize("value, expected", [
     (3, 3.0), (0.25, 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7.0), (jnp.asarray(2.5), 2.5),
-    (np.asarray(4), 4.0), (float("inf"), float("inf")),
+    (np.asarray(4), 4.0), (float("inf"), float("inf")), (jnp.asarray(0.5, jnp.bfloat16), 0.5),
+    (np.float16(0.25), 0.25),
 ])
 def test_concrete_accepts_numbers(value, expected):
     v = checks.concrete("x", value)
@@ -73,6 +74,7 @@ def test_concrete_is_none_when_traced():
     (-5, dict()),
     (float("inf"), dict(low=0, finite=False)),
     (jnp.asarray(0.9, jnp.float32), dict(low=0, high=1, high_open=True)),
+    (jnp.asarray(0.9, jnp.bfloat16), dict(low=0, high=1, high_open=True)),  # inject_hyperparams on bf16 params
 ])
 def test_number_accepts_inside_the_interval(value, kwargs):
     assert checks.number("x", value, **kwargs) == float(value)
@@ -141,7 +143,7 @@ def test_integer_rejects_traced_values():
 # --------------------------------------------------------------------------- integer_or_traced
 
 
-@pytest.mark.parametrize("value", [4, np.int64(4), jnp.asarray(4), np.asarray(4, np.int16)])
+@pytest.mark.parametrize("value", [4, np.int64(4), jnp.asarray(4), np.asarray(4, np.int16), jnp.asarray(4, jnp.uint8)])
 def test_integer_or_traced_accepts_ints_and_integer_arrays(value):
     v = checks.integer_or_traced("rank", value, minimum=1)
     assert v == 4 and type(v) is int

@@ -118,3 +118,16 @@ def test_traced_hyperparameters_pass_the_checks(factory):
     assert injected <= set(state.hyperparams)
     updates, state = jax.jit(tx.update)(grads, state, params)
     assert all(bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("factory", GALORE + (scale_by_adam_8bit,))
+def test_bfloat16_hyperparameters_pass_the_checks(factory):
+    """inject_hyperparams makes float hyperparameters arrays of the params' dtype: bfloat16 ones are numbers.
+
+    (b2=0.999 rounds to 1.0 in bfloat16, which the check rightly refuses; 0.99 stays below 1.)
+    """
+    static = ("block_size", "min_size") if factory in EIGHT_BIT else ()
+    b2 = {"b2": 0.99} if factory in ADAM else {}
+    tx = optax.inject_hyperparams(factory, static_args=static)(**required(factory), **b2)
+    state = tx.init({"w": jnp.ones((12, 10), jnp.bfloat16)})
+    assert {h.dtype for k, h in state.hyperparams.items() if k in ("b1", "scale", "eps")} == {jnp.dtype(jnp.bfloat16)}
