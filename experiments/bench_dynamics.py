@@ -25,12 +25,9 @@ from absl import logging
 from scipy.integrate import solve_ivp
 
 from experiments import benchlib
-from experiments.dynamics_one_layer import make_data
 from experiments import cli
+from lorank.data import synthetic
 from lorank.dynamics import one_layer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def numpy_field(x: np.ndarray, xp: np.ndarray, act: str, slope: float, power: int):
     """The same vector field in NumPy float64, uniform alpha, written out directly."""
@@ -56,11 +53,17 @@ def numpy_field(x: np.ndarray, xp: np.ndarray, act: str, slope: float, power: in
 
 
 def run(config, workdir) -> dict:
-    """Runs the experiment of `config`, writing figures and metrics.json to `workdir`; returns the metrics."""
-    jax.config.update("jax_enable_x64", True)
+    """Runs the benchmark of `config` in float64 (a scoped `jax.enable_x64`, so nothing leaks into
+    later work in the process), writing bench_dynamics.json to `workdir`; returns the results."""
+    with jax.enable_x64(True):
+        return _run(config, workdir)
+
+
+def _run(config, workdir) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data, _ = make_data(config)
+    x, x_prime, _ = synthetic.cluster_mixture(config)
+    data = one_layer.Views(x, x_prime, None)
     act = one_layer.get_activation(config.activation, slope=config.leaky_slope, power=config.power)
     x_alpha = np.asarray(one_layer.a_matrix(jnp.ones(config.dim), data,
                                             one_layer.get_activation("linear")))
@@ -194,6 +197,7 @@ def run(config, workdir) -> dict:
             "bench_dynamics",
             "python -m experiments.bench_dynamics --config configs/dynamics.py:bench "
             "--workdir runs/bench_dynamics", body, results)
+    return results
 
 
 if __name__ == "__main__":

@@ -2,15 +2,12 @@
 
   python -m experiments.dynamics_linear_cl --config configs/dynamics.py:linear_cl --workdir runs/linear_cl
 
-Writes linear_cl.png and metrics.json to the workdir. Also holds the CIFAR-10
-helpers (`load_cifar`, `pool_flatten`, `augment_views`) the other dynamics
-experiments use.
+Writes linear_cl.png and metrics.json to the workdir.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
@@ -22,64 +19,22 @@ from absl import logging
 from experiments import cli
 from lorank.analysis import plots
 from lorank.contrastive import contrastive_cov, uniform_alpha
-from lorank.data.images import load_image_folder_tar
+from lorank.data import images as image_data
+from lorank.data.augment import augment_views
 from lorank.dynamics import linear_cl
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def cifar_path(path: str = "") -> pathlib.Path:
-    """The CIFAR-10 archive: `path`, else $LORANK_DATA or ../shared/data."""
-    if path:
-        return pathlib.Path(path)
-    root = pathlib.Path(os.environ.get("LORANK_DATA", REPO.parent / "shared" / "data"))
-    return root / "cifar10-jpeg.tar.gz"
-
-
-def load_cifar(cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 [N, 32, 32, 3] in [0, 1], labels int32 [N]) of the configured subset."""
-    images, labels = load_image_folder_tar(cifar_path(cfg.path), cfg.split, cfg.max_per_class)
-    return images.astype(np.float32) / 255.0, labels
-
-
-def pool_flatten(images: np.ndarray, pool: int, grayscale: bool) -> np.ndarray:
-    """[N, H, W, 3] -> [N, (H / pool) * (W / pool) * channels] by average pooling."""
-    n, h, w, ch = images.shape
-    if h % pool or w % pool:
-        raise ValueError(f"pool={pool} must divide the image size {h}x{w}")
-    x = images.reshape(n, h // pool, pool, w // pool, pool, ch).mean(axis=(2, 4))
-    if grayscale:
-        x = x.mean(axis=-1, keepdims=True)
-    return x.reshape(n, -1)
-
-
-def augment_views(rng: np.random.Generator, images: np.ndarray, shift: int,
-                  brightness: float) -> np.ndarray:
-    """One augmented view per image: random translation (reflect padding), horizontal
-    flip and brightness scaling. [N, H, W, C] -> [N, H, W, C]."""
-    n, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="reflect")
-    out = np.empty_like(images)
-    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, n))
-    flip = rng.random(n) < 0.5
-    scale = 1.0 + rng.uniform(-brightness, brightness, size=n)
-    for i in range(n):
-        crop = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = (crop[:, ::-1] if flip[i] else crop) * scale[i]
-    return out
 
 
 def cifar_x_alpha(config) -> tuple[np.ndarray, np.ndarray] | None:
     """X_alpha (uniform alpha) of two augmented views of pooled CIFAR images, and the
     covariance of the views; None when the archive is missing."""
-    path = cifar_path(config.cifar.path)
+    path = image_data.cifar10_archive(config.cifar.path)
     if not path.is_file():
         logging.warning("CIFAR-10 archive %s not found: skipping the CIFAR run", path)
         return None
-    images, _ = load_cifar(config.cifar)
+    images, _ = image_data.load_cifar10(path, config.cifar.split, config.cifar.max_per_class)
     rng = np.random.default_rng(config.seed)
-    views = [pool_flatten(augment_views(rng, images, config.shift, config.brightness),
-                          config.cifar.pool, config.cifar.grayscale) for _ in range(2)]
+    views = [image_data.pool_flatten(augment_views(rng, images, config.shift, config.brightness),
+                                     config.cifar.pool, config.cifar.grayscale) for _ in range(2)]
     mean = 0.5 * (views[0].mean(0) + views[1].mean(0))
     std = np.concatenate(views).std()
     x, xp = ((v - mean) / std for v in views)

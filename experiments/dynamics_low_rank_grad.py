@@ -21,22 +21,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments.dynamics_linear_cl import cifar_path, load_cifar, pool_flatten
+from lorank.data import images as image_data
 from experiments import cli
 from lorank.analysis import plots
 from lorank.dynamics import low_rank_grad as lrg
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
 def cifar_xy(config) -> tuple[np.ndarray, np.ndarray]:
     """Pooled, centered CIFAR-10 images [N, d] scaled to lambda_max(X^T X / N) = 1, and
     one-hot labels [N, 10]."""
-    if not cifar_path(config.cifar.path).is_file():
-        raise FileNotFoundError(f"CIFAR-10 archive {cifar_path(config.cifar.path)} not found; "
-                                "set --config.cifar.path or LORANK_DATA")
-    images, labels = load_cifar(config.cifar)
-    x = pool_flatten(images, config.cifar.pool, config.cifar.grayscale).astype(np.float64)
+    archive = image_data.cifar10_archive(config.cifar.path)
+    if not archive.is_file():
+        raise FileNotFoundError(f"CIFAR-10 archive {archive} not found; set --config.cifar.path or LORANK_DATA")
+    images, labels = image_data.load_cifar10(archive, config.cifar.split, config.cifar.max_per_class)
+    x = image_data.pool_flatten(images, config.cifar.pool, config.cifar.grayscale).astype(np.float64)
     x = x - x.mean(0)
     x = x / np.sqrt(np.linalg.eigvalsh(x.T @ x / len(x))[-1])  # lambda_max(X^T X / N) = 1
     return x.astype(np.float32), np.eye(10, dtype=np.float32)[labels]

@@ -18,21 +18,8 @@ from absl import logging
 
 from experiments import cli
 from lorank.analysis import plots
+from lorank.data import synthetic
 from lorank.dynamics import one_layer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def make_data(config):
-    """Clusters at simplex vertices, scales spread so the linear problem has one top eigenvector."""
-    centers = one_layer.simplex_centers(jax.random.key(config.seed), config.num_clusters,
-                                        config.dim)
-    scales = jnp.linspace(*config.scale_range, config.num_clusters)
-    data, labels = one_layer.cluster_views(jax.random.key(config.seed + 1), config.num_samples,
-                                           centers, scales=scales, radial=config.radial,
-                                           noise=config.noise, aug=config.aug)
-    return data, np.asarray(centers, np.float64)
-
 
 def node_counts(max_nodes: int) -> list[int]:
     """1, 2, 4, ..., max_nodes."""
@@ -134,7 +121,8 @@ def run(config, workdir) -> dict:
     """Runs the experiment of `config`, writing figures and metrics.json to `workdir`; returns the metrics."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data, centers = make_data(config)
+    x, x_prime, centers = synthetic.cluster_mixture(config)
+    data, centers = one_layer.Views(x, x_prime, None), np.asarray(centers, np.float64)
     x_alpha = np.asarray(one_layer.a_matrix(jnp.ones(config.dim), data,
                                             one_layer.get_activation("linear")), np.float64)
     lam = float(np.linalg.eigvalsh(x_alpha)[-1])

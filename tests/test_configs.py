@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments.dynamics_linear_cl import cifar_path
+from lorank.data.images import cifar10_archive
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -53,18 +53,97 @@ def missing_data(config) -> str | None:
     """Why `config` cannot run here: the CIFAR-10 archive it reads is absent (None if nothing is missing)."""
     if "cifar" not in config or not config.get("use_cifar", True):
         return None
-    archive = cifar_path(config.cifar.path)
+    archive = cifar10_archive(config.cifar.path)
     return None if archive.exists() else f"CIFAR-10 archive {archive} not found; set LORANK_DATA"
 
 
+def _pretrain(out):
+    return {"final_eval_loss": (out["final_eval_loss"], 3.5, 5.3), "steps": (out["steps"], 12, 12)}
+
+
+def _bench_pretrain(out):
+    checks = {}
+    for name, m in out["methods"].items():
+        start = m["eval_curve"][0][1]
+        checks[f"{name} eval loss drop"] = (start - m["final_eval_loss"], 0.2, 2.0)
+        best = min(out["sweep"][name], key=out["sweep"][name].get)
+        checks[f"{name} keeps its best rate"] = (float(m["final_eval_loss"] == out["sweep"][name][best]), 1, 1)
+    galore, adamw = out["methods"]["galore"], out["methods"]["adamw"]
+    checks["galore / adamw state bytes"] = (galore["optimizer_state_bytes"] / adamw["optimizer_state_bytes"], 0.3, 0.9)
+    return checks
+
+
+def _memory(out):
+    rows = {r["update"]: r for r in out["rows"]}
+    joint, layered = rows["global_clip"]["compiled"], rows["per_layer"]["compiled"]
+    return {"per-layer / joint peak": (layered["peak"] / joint["peak"], 0.2, 0.99),
+            "argument bytes >= params + state": (
+                joint["argument"] - rows["global_clip"]["param_bytes"] - rows["global_clip"]["optimizer_state_bytes"],
+                0, 1e9)}
+
+
+def _linear_cl(out):
+    g = out["Gaussian"]  # Theorem: the flow converges to the rank-one, aligned PCA solution
+    return {"objective / lambda_max": (g["final_objective_over_lambda_max_min"], 0.99, 1.001),
+            "sigma_2 / sigma_1": (g["final_sv_ratio_max"], 0.0, 1e-3),
+            "layer alignment": (g["final_alignment_min"], 0.99, 1.0 + 1e-6),
+            "input alignment": (g["final_input_alignment_min"], 0.99, 1.0 + 1e-6)}
+
+
+def _one_layer(out):
+    relu, linear = out["relu"], out["linear"]
+    return {"linear patterns (32 nodes)": (linear["patterns_mean"]["32"], 1, 1),
+            "relu patterns (32 nodes)": (relu["patterns_mean"]["32"], 3, 32),
+            "relu patterns grow with nodes": (relu["patterns_mean"]["32"] - relu["patterns_mean"]["1"], 1, 32),
+            "relu fixed points are top eigenvectors": (relu["fixed_point_cos_min"], 0.999, 1.0 + 1e-6),
+            "relu nodes at a cluster center": (relu["nodes_at_a_cluster_center"], 0.9, 1.0)}
+
+
+def _galore_convergence(out):
+    return {"bound holds every step": (float(out["bound_holds_every_step"]), 1, 1),
+            "fixed projection stalls (relative gap)": (out["relative_gap_final"]["fixed"], 0.1, 1.0),
+            "refreshed projection converges (relative gap)": (out["relative_gap_final"]["T=25"], 0.0, 0.01)}
+
+
+def _low_rank_grad(out):
+    runs = {k: v for k, v in out.items() if isinstance(v, dict) and "sr_max" in v}
+    checks = {f"{k} gradient stable rank": (max(v["sr_max"]), 1.0, 10.0) for k, v in runs.items()}
+    checks.update({f"{k} loss falls": (v["loss_initial"] - v["loss_final"], 0.1, 10.0) for k, v in runs.items()})
+    return checks
+
+
+def _bench_dynamics(out):
+    return {"ICs within tolerance of SciPy": (out["fraction_within_tol"], 0.9, 1.0),
+            "largest difference at t1": (out["max_abs_diff_at_t1"], 0.0, 1e-4)}
+
+
+# The headline numbers of every smoke run: name -> (value, low, high), checked to lie in [low, high].
+HEADLINES = {
+    "llama:smoke": _pretrain,
+    "bench_pretrain:smoke": _bench_pretrain,
+    "memory:smoke": _memory,
+    "dynamics:linear_cl_smoke": _linear_cl,
+    "dynamics:one_layer_smoke": _one_layer,
+    "dynamics:galore_convergence_smoke": _galore_convergence,
+    "dynamics:low_rank_grad_smoke": _low_rank_grad,
+    "dynamics:bench_smoke": _bench_dynamics,
+}
+
+
+def test_every_smoke_variant_has_headline_checks():
+    assert {p.id for p in smoke_runs()} == set(HEADLINES)
+
+
 @pytest.mark.parametrize("path, variant, experiment", list(smoke_runs()))
-def test_smoke_variant_runs(path, variant, experiment, tmp_path):
+def test_smoke_variant_runs_and_its_headline_numbers_lie_in_range(path, variant, experiment, tmp_path):
     config = load(path).get_config(variant)
     reason = missing_data(config)
     if reason:
         pytest.skip(reason)
-    importlib.import_module(experiment).run(config, str(tmp_path))
+    out = importlib.import_module(experiment).run(config, str(tmp_path))
     assert any(tmp_path.iterdir()), f"{experiment} wrote nothing to its workdir"
+    for name, (value, low, high) in HEADLINES[f"{path.stem}:{variant}"](out).items():
+        assert low <= value <= high, f"{path.stem}:{variant}: {name} = {value}, expected in [{low}, {high}]"
 
 
 def test_unknown_config_field_on_the_command_line_is_an_error(tmp_path):

@@ -5,6 +5,11 @@ allowed). Classes are numbered in sorted order of their names. A subset keeps th
 first `max_per_class` files of each class in sorted file-name order, so it is the
 same on every machine. Decoded arrays are cached as uint8 npz files under
 `$LORANK_CACHE` (default `~/.cache/lorank`).
+
+`data_root()` is where shared data files live (`$LORANK_DATA`, else `../shared/data`
+beside the repository); `cifar10_archive` and `load_cifar10` find and read the
+CIFAR-10 JPEG archive there; `pool_flatten` turns images into the low-dimensional
+vectors the theory simulators use.
 """
 
 from __future__ import annotations
@@ -20,6 +25,38 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def data_root() -> pathlib.Path:
+    """`$LORANK_DATA`, else `shared/data` beside the repository."""
+    return pathlib.Path(os.environ.get("LORANK_DATA", REPO.parent / "shared" / "data"))
+
+
+def cifar10_archive(path: str | os.PathLike = "") -> pathlib.Path:
+    """The CIFAR-10 JPEG archive: `path` if given, else `data_root() / CIFAR10_ARCHIVE`."""
+    return pathlib.Path(path) if path else data_root() / CIFAR10_ARCHIVE
+
+
+def load_cifar10(path: str | os.PathLike = "", split: str = "train",
+                 max_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 [N, 32, 32, 3] in [0, 1], labels int32 [N]) of a CIFAR-10 split or subset
+    (`load_image_folder_tar` of `cifar10_archive(path)`)."""
+    images, labels = load_image_folder_tar(cifar10_archive(path), split, max_per_class)
+    return images.astype(np.float32) / 255.0, labels
+
+
+def pool_flatten(images: np.ndarray, pool: int, grayscale: bool) -> np.ndarray:
+    """[N, H, W, C] -> [N, (H / pool) * (W / pool) * channels] by average pooling (channels 1 if
+    `grayscale`: the mean over C)."""
+    n, h, w, ch = images.shape
+    if h % pool or w % pool:
+        raise ValueError(f"pool={pool} must divide the image size {h}x{w}")
+    x = images.reshape(n, h // pool, pool, w // pool, pool, ch).mean(axis=(2, 4))
+    if grayscale:
+        x = x.mean(axis=-1, keepdims=True)
+    return x.reshape(n, -1)
 
 
 def cache_dir() -> pathlib.Path:

@@ -28,10 +28,6 @@ SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "dopri8": diffrax.Dopri8,  # order 8
 }
 
-ORDERS = {"euler": 1, "heun": 2, "midpoint": 2, "ralston": 2, "bosh3": 3, "tsit5": 5,
-          "dopri5": 5, "dopri8": 8}
-
-
 class Trajectory(NamedTuple):
     """A solved trajectory.
 

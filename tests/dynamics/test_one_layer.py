@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lorank.contrastive import energy
+from lorank.data import synthetic
 from lorank.dynamics import one_layer
 
 K, D, N = 8, 16, 400
@@ -25,9 +26,9 @@ def _a_numpy(w, x, xp, act):
 
 @pytest.fixture(scope="module")
 def clusters():
-    centers = one_layer.simplex_centers(jax.random.key(0), K, D)
-    data, labels = one_layer.cluster_views(jax.random.key(1), N, centers,
-                                           scales=jnp.linspace(1.4, 0.8, K))
+    centers = synthetic.simplex_centers(jax.random.key(0), K, D)
+    x, x_prime, _ = synthetic.cluster_views(jax.random.key(1), N, centers, scales=jnp.linspace(1.4, 0.8, K))
+    data = one_layer.Views(x, x_prime, None)
     x, xp = np.asarray(data.x, np.float64), np.asarray(data.x_prime, np.float64)
     lam = np.linalg.eigvalsh(_a_numpy(np.ones(D), x, xp, "linear"))[-1]
     w0 = one_layer.sphere_init(jax.random.key(2), 64, D)
@@ -179,8 +180,9 @@ def test_simulate_in_chunks_matches_one_vmapped_solve_and_the_plain_field(act):
     `field` itself with the same alpha as a matrix give the same trajectories."""
     rng = np.random.default_rng(7)
     with jax.enable_x64(True):
-        centers = one_layer.simplex_centers(jax.random.key(3), 4, 6)
-        data, _ = one_layer.cluster_views(jax.random.key(4), 60, centers)
+        centers = synthetic.simplex_centers(jax.random.key(3), 4, 6)
+        x, x_prime, _ = synthetic.cluster_views(jax.random.key(4), 60, centers)
+        data = one_layer.Views(x, x_prime, None)
         dense = one_layer.Views(data.x, data.x_prime, jnp.full((60, 60), 1.0 / (60 * 59)))
         w0 = jnp.asarray(rng.normal(size=(11, 6)))
         kw = dict(num_saves=5, rtol=1e-9, atol=1e-11, solver="dopri5", pcoeff=0.2, icoeff=0.3)
