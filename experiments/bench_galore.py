@@ -43,9 +43,10 @@ import optax  # noqa: E402
 
 from experiments import benchlib  # noqa: E402
 from lorank.data import text  # noqa: E402
+from lorank.models import llama  # noqa: E402
 from lorank.models.llama import Llama, LlamaConfig, param_count  # noqa: E402
 from lorank.optim import (ProjectorState, find_galore_states, galore_adamw, galore_adamw_8bit,  # noqa: E402
-                          galore_metrics, llama_galore_mask, tree_nbytes)
+                          galore_metrics, tree_nbytes)
 from lorank.optim import svd as svd_lib  # noqa: E402
 
 SECTIONS = ("bytes", "step", "optax", "torch", "svd", "signs")
@@ -143,7 +144,7 @@ def closed_forms(name: str) -> dict[str, int]:
 
 def measured_bytes(name: str) -> dict[str, int]:
     params = abstract_params(llama_config(name))
-    mask = llama_galore_mask(params)
+    mask = llama.galore_mask(params)
     r = PAPER[name][4]
     dims = jax.tree.map(lambda sel: optax.contrib.GaLoreDimensionNumbers() if sel else None, mask)
     txs = {
@@ -171,7 +172,7 @@ def section_bytes(args) -> tuple[str, dict]:
     header = ["model", "params", "rank"] + [f"{k} (GiB)" for k in measured] + ["8-bit GaLore / AdamW"]
     body = ("Optimizer-state bytes from `jax.eval_shape(tx.init, params)` of `lorank.models.llama` at the "
             "paper's shapes (vocab 32000), attention and MLP kernels projected "
-            "(`llama_galore_mask`), everything else full-rank Adam. Every figure equals its closed form "
+            "(`lorank.models.llama.galore_mask`), everything else full-rank Adam. Every figure equals its closed form "
             "(computed from the shapes alone in the benchmark; the run asserts equality): AdamW 8P; GaLore "
             "per projected [m, n]: std 4r min(m,n) + 8r max(m,n), reverse_std and optax.contrib.galore "
             "4r max(m,n) + 8r min(m,n); 8-bit: codes + float32 scale per 256 values for moments of at "
@@ -196,8 +197,8 @@ def section_step(args) -> tuple[str, dict]:
     loss = lm_loss(model)
     rank = 32 if args.smoke else 128
     txs = {"AdamW": optax.adamw(1e-3),
-           "GaLore": galore_adamw(1e-3, rank, GAP, galore_mask=llama_galore_mask),
-           "GaLore randomized": galore_adamw(1e-3, rank, GAP, galore_mask=llama_galore_mask, svd="randomized")}
+           "GaLore": galore_adamw(1e-3, rank, GAP, galore_mask=llama.galore_mask),
+           "GaLore randomized": galore_adamw(1e-3, rank, GAP, galore_mask=llama.galore_mask, svd="randomized")}
     fns = {}
     for name, tx in txs.items():
         log(f"step: compile {name}")
@@ -272,7 +273,7 @@ def time_jax_optimizers(txs: dict, params, grads, repeats: int) -> tuple[dict, d
 
 def section_optax(args) -> tuple[str, dict]:
     cfg, rank, params, grads = optimizer_setup(args)
-    mask = llama_galore_mask(params)
+    mask = llama.galore_mask(params)
     dims = jax.tree.map(lambda sel: optax.contrib.GaLoreDimensionNumbers() if sel else None, mask)
     txs = {"optax.contrib.galore": optax.contrib.galore(1e-3, rank, GAP, scale=0.25, weight_dimension_numbers=dims),
            "lorank reverse_std": galore_adamw(1e-3, rank, GAP, proj_type="reverse_std", galore_mask=mask),
@@ -335,7 +336,7 @@ def section_torch(args) -> tuple[str, dict]:
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("galore_torch") is None:
         return "Skipped: torch and galore-torch are not installed.", {"skipped": True}
     cfg, rank, params, grads = optimizer_setup(args)
-    mask = llama_galore_mask(params)
+    mask = llama.galore_mask(params)
     leaves = [[list(p.shape), bool(m)] for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))]
     repeats = 2 if args.smoke else args.repeats
     log("torch: galore-torch in a subprocess")
@@ -448,7 +449,7 @@ def section_svd(args) -> tuple[str, dict]:
     for i in range(args.warm_steps):
         params, state = train_step(params, state, train(i))
     grads = jax.jit(jax.grad(loss))(params, train(args.warm_steps))
-    mask = llama_galore_mask(params)
+    mask = llama.galore_mask(params)
     r60 = 16 if args.smoke else 128
     randomized = jax.jit(lambda x: svd_lib.randomized_top_singular(x, r60, jax.random.PRNGKey(0)))
     energies = []
@@ -495,7 +496,7 @@ def section_signs(args) -> tuple[str, dict]:
     model = Llama(cfg)
     loss = lm_loss(model)
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 10, steps, 3e-4)
-    common = dict(galore_mask=llama_galore_mask, scale=1.0)
+    common = dict(galore_mask=llama.galore_mask, scale=1.0)
     variants = {
         "AdamW": lambda: optax.adamw(schedule),
         "GaLore, canonical signs": lambda: galore_adamw(schedule, rank, gap, **common),

@@ -34,9 +34,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import benchlib, cli, pretrain  # noqa: E402
+from experiments import benchlib, cli  # noqa: E402
 from lorank.analysis import curves  # noqa: E402
-from lorank.train import loop as loop_lib, methods as methods_lib, optimizers  # noqa: E402
+from lorank.train import loop as loop_lib, methods as methods_lib, optimizers, pretrain  # noqa: E402
 
 GALORE_TOLERANCE = 0.03  # GaLore's final validation loss may exceed full-rank's by this fraction
 

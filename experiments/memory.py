@@ -42,7 +42,7 @@ from absl import logging
 from experiments import benchlib, cli
 from lorank.models import llama
 from lorank.optim import quantize
-from lorank.train import lm, loop, methods, optimizers, per_layer
+from lorank.train import lm, loop, methods, optimizers
 from lorank.train import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def one_device_mesh():
 
 def abstract_step(c, method: methods.Method, model: llama.Llama) -> tuple[Callable, loop.TrainState]:
     """(step, abstract state) of the train step training config `c` runs for `method`, on one device."""
-    plan = per_layer.configured_step_plan(c, model, method, one_device_mesh(), jax.random.key(0))
+    plan = lm.step_plan(c, model, method, one_device_mesh(), jax.random.key(0))
     return plan.step, plan.abstract_state
 
 
@@ -237,7 +237,7 @@ def measure(config, size: str, method_name: str, update: str, *, compile_step_to
     """
     c = size_config(config, size, method_name, update)
     model = lm.build_llama(c)
-    method = methods.build_method(c, lm.shapes_task(model))
+    method = methods.build_method(c, lm.shapes_task(model), llama.FAMILY)
     report = methods.parameter_report(method)
     closed = closed_form(Shapes.from_model_config(c.model), method_name, int(c.optim.rank), int(c.optim.block_size))
     row = {"size": size, "method": method_name, "update": update, "rank": int(c.optim.rank), "closed": closed,

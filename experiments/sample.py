@@ -5,24 +5,32 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 from absl import app, flags, logging
 
 from lorank.data import tokenizers
-from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods, per_layer
+from lorank.models import llama
+from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods
 
 
-def load_params(workdir: str):
-    """(config, model, full-rank params) of the newest checkpoint in `workdir`, on one device.
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
-    Factored methods' parameters are exported (LoRA merged, factors multiplied out).
+
+def load_params(workdir: str, *, warn=_stderr):
+    """(config, model, full-rank params) of the newest intact checkpoint in `workdir`, on one device.
+
+    Factored methods' parameters are exported (LoRA merged, factors multiplied out); corrupt
+    newer checkpoints are named through `warn` and skipped.
     """
     config = loop_lib.load_workdir_config(workdir)
     model = lm.build_llama(config)
-    method = methods.build_method(config, lm.shapes_task(model))
+    method = methods.build_method(config, lm.shapes_task(model), llama.FAMILY)
     mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    plan = per_layer.configured_step_plan(config, model, method, mesh, jax.random.key(0))
-    state = loop_lib.restore_latest(workdir, plan.abstract_state, plan.shardings)
+    plan = lm.step_plan(config, model, method, mesh, jax.random.key(0))
+    state = loop_lib.restore_latest(workdir, plan.abstract_state, plan.shardings, warn=warn)
     return config, model, method.export(state.params)
 
 

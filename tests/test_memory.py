@@ -12,6 +12,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import memory
+from lorank.models import llama
 from lorank.train import lm, methods, optimizers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_closed_form_agrees_with_eval_shape(size, method):
     s, config = shapes(size)
     config.optim.name = method
     model = lm.build_llama(config)
-    report = methods.parameter_report(methods.build_method(config, lm.shapes_task(model)))
+    report = methods.parameter_report(methods.build_method(config, lm.shapes_task(model), llama.FAMILY))
     closed = memory.closed_form(s, method, int(config.optim.rank), int(config.optim.block_size))
     assert report["total"] == closed["params"]
     assert report["trainable"] == closed["trainable"]

@@ -5,10 +5,14 @@ import json
 import os
 import pathlib
 
+import shutil
+
+import jax
+import numpy as np
 import pytest
 
-from experiments import pretrain, sample
-from lorank.train import loop
+from experiments import sample
+from lorank.train import checkpoints, loop, pretrain
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "llama.py"
 
@@ -20,10 +24,18 @@ def smoke_config():
     return module.get_config("smoke")
 
 
-def test_pretrain_writes_metrics_plot_checkpoint_and_samples(tmp_path):
-    workdir = str(tmp_path)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """(workdir, summary, log lines) of one smoke run, shared by the tests that only read it."""
+    workdir = tmp_path_factory.mktemp("smoke")
     lines = []
-    summary = pretrain.run(smoke_config(), workdir, log=lines.append)
+    summary = pretrain.run(smoke_config(), str(workdir), log=lines.append)
+    return workdir, summary, lines
+
+
+def test_pretrain_writes_metrics_plot_checkpoint_and_samples(smoke_run):
+    workdir, summary, lines = smoke_run
+    workdir = str(workdir)
     assert summary["steps"] == 12
     assert summary["final_eval_loss"] < 5.3  # below ln 256 = 5.55 after a few steps
     assert any(ln.startswith("model: 37,024 parameters") for ln in lines)
@@ -39,6 +51,30 @@ def test_pretrain_writes_metrics_plot_checkpoint_and_samples(tmp_path):
     # experiments.sample reproduces the end-of-training sample from the checkpoint
     c = smoke_config().sample
     assert sample.sample(workdir, c.prompt, c.length, temperature=c.temperature, seed=c.seed) == summary["sample"]
+
+
+def test_a_corrupt_checkpoint_is_detected_by_sampling_and_resuming(smoke_run, tmp_path):
+    """256 bytes flipped in the largest data file of the newest checkpoint (step 12): sampling
+    names it and falls back to step 6; a resumed run names it, moves it aside, retrains steps
+    7-12 and ends where the intact run ended."""
+    source, summary, _ = smoke_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    newest = workdir / loop.CHECKPOINT_DIR / "12"
+    damaged = max((p for p in newest.rglob("*") if p.is_file() and p.name != checkpoints.CHECKSUM_FILE),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 256] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 256])
+    damaged.write_bytes(bytes(data))
+    warnings = []
+    config, _, params = sample.load_params(str(workdir), warn=warnings.append)
+    assert any(str(damaged) in w and "corrupt" in w for w in warnings)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    lines = []
+    resumed = pretrain.run(smoke_config(), str(workdir), log=lines.append)
+    assert any(str(damaged) in ln for ln in lines) and any("resumed" in ln and "step 6" in ln for ln in lines)
+    assert resumed["final_eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+    assert resumed["sample"] == summary["sample"]
 
 
 def test_missing_corpus_is_named_before_anything_is_written(tmp_path):

@@ -15,29 +15,14 @@ import jax.numpy as jnp
 
 from lorank.analysis import spectrum
 
-LLAMA_GROUPS = ("attention", "mlp", "embedding", "lm_head")
 
-
-def llama_group(path: tuple) -> str | None:
-    """Layer kind of a LLaMA parameter path: attention, mlp, embedding, lm_head, or None (norms)."""
-    names = [str(getattr(k, "key", k)) for k in path]
-    if "attn" in names:
-        return "attention"
-    if "mlp" in names:
-        return "mlp"
-    if names and names[0] == "embed":
-        return "embedding"
-    if names and names[0] == "lm_head":
-        return "lm_head"
-    return None
-
-
-def group_stable_ranks(grads: Any, group_of: Callable[[tuple], str | None] = llama_group) -> dict[str, jax.Array]:
+def group_stable_ranks(grads: Any, group_of: Callable[[tuple], str | None]) -> dict[str, jax.Array]:
     """Mean stable rank of the 2-D leaves of `grads` per group.
 
     Args:
       grads: pytree of gradients; leaves that are not matrices are skipped.
-      group_of: tree path -> group name, or None to skip the leaf.
+      group_of: tree path -> group name, or None to skip the leaf (a model family's
+        `layer_kind`, e.g. `lorank.models.llama.layer_kind`).
     Returns:
       {group: [] mean stable rank over the group's matrices} for non-empty groups.
     """

@@ -111,11 +111,14 @@ class SequenceSampler:
         offset = int(rng.integers(0, self.seq_len + 1))
         return offset, rng.permutation(self.windows_per_epoch)
 
-    def batch(self, step: int) -> np.ndarray:
-        """int32 [batch_size, seq_len + 1] for global training step `step`."""
+    def batch(self, step: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """int32 [batch_size, seq_len + 1] for global training step `step`, or only its rows `rows`
+        (int indices into the batch: [len(rows), seq_len + 1])."""
         epoch, index = divmod(step, self.batches_per_epoch)
         offset, order = self._epoch_plan(epoch)
         picks = order[index * self.batch_size:(index + 1) * self.batch_size]
+        if rows is not None:
+            picks = picks[rows]
         starts = offset + picks * (self.seq_len + 1)
         rows = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         return self.tokens[rows].astype(np.int32)

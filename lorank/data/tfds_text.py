@@ -146,43 +146,51 @@ def text_sequences(source: Sequence[Any], tokenizer, seq_len: int, *, mode: str 
     return pack_documents((tokenize(r) for r in docs.to_iter_dataset()), length, eos_id)
 
 
-def batch_fn(dataset, batch_size: int) -> Callable[[int], np.ndarray]:
-    """step -> int32 [batch_size, T + 1]: elements [step * B, (step + 1) * B) of a random-access dataset.
+def batch_fn(dataset, batch_size: int) -> Callable[[int, np.ndarray | None], np.ndarray]:
+    """(step, rows) -> int32 [len(rows), T + 1]: elements step * B + rows of a random-access dataset
+    (rows None: [0, B)), read one by one, so each process reads only its own rows.
 
     A pure function of the step (what `lorank.train.loop.Task.train_batch` needs);
     use with "pad" mode and num_epochs=None.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return lambda step: np.stack([dataset[step * batch_size + i] for i in range(batch_size)]).astype(np.int32)
+
+    def batch(step: int, rows: np.ndarray | None = None) -> np.ndarray:
+        rows = range(batch_size) if rows is None else rows
+        return np.stack([dataset[step * batch_size + int(i)] for i in rows]).astype(np.int32)
+
+    return batch
 
 
 def sequential_batch_fn(make_iterator: Callable[[], Iterator[np.ndarray]], batch_size: int
-                        ) -> Callable[[int], np.ndarray]:
-    """step -> int32 [batch_size, T + 1]: elements [step * B, (step + 1) * B) of a deterministic iterator.
+                        ) -> Callable[[int, np.ndarray | None], np.ndarray]:
+    """(step, rows) -> int32 [len(rows), T + 1]: rows `rows` (None: all) of elements
+    [step * B, (step + 1) * B) of a deterministic iterator.
 
     For sources without random access ("pack", "drop"): the iterator is read
     forward, so consecutive steps cost one batch each; asking for an earlier
     step (or the first step of a resumed run) restarts it from `make_iterator()`
-    and skips ahead. The same step always gives the same batch.
+    and skips ahead. The same step always gives the same batch. Every process reads the
+    whole batch (there is no random access) and keeps its rows.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     cursor = {"next": None, "it": None}
 
-    def batch(step: int) -> np.ndarray:
+    def batch(step: int, rows: np.ndarray | None = None) -> np.ndarray:
         if cursor["it"] is None or cursor["next"] > step:
             cursor["it"], cursor["next"] = make_iterator(), 0
         it = cursor["it"]
         try:
             for _ in range((step - cursor["next"]) * batch_size):
                 next(it)
-            rows = [next(it) for _ in range(batch_size)]
+            picked = [next(it) for _ in range(batch_size)]
         except StopIteration:
             cursor["it"] = None
             raise ValueError(f"the data ran out at step {step} (batch {batch_size})") from None
         cursor["next"] = step + 1
-        return np.stack(rows).astype(np.int32)
+        return np.stack(picked if rows is None else [picked[int(i)] for i in rows]).astype(np.int32)
 
     return batch
 

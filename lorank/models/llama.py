@@ -4,8 +4,9 @@ RMSNorm (pre-norm), rotary position embeddings (rotate-half convention), causal
 multi-head attention, SwiGLU MLP and an untied LM head. Every kernel is a plain
 2-D matrix (one `nn.Dense` per projection, as in the reference PyTorch models),
 so GaLore and LoRA see the same matrices the papers project, and every
-parameter carries logical axis names for sharding (`lorank.train.mesh` maps
-them onto the device mesh).
+parameter carries logical axis names for sharding. `FAMILY` describes the model
+to the generic layers: its logical-axis rules, the kernels GaLore projects, the
+layer kind of every parameter and the stages of the per-layer update.
 
 Parameter paths (V vocab, D hidden, F intermediate, L layers):
 
@@ -22,11 +23,14 @@ Parameter paths (V vocab, D hidden, F intermediate, L layers):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lorank import checks
+from lorank.models.family import ModelFamily, Stage
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -35,6 +39,23 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
 }
+
+
+# logical axis -> mesh axis of the data/fsdp/tensor mesh (`lorank.train.mesh`), None: replicated.
+AXIS_RULES = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("joined_kv", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("length", None),
+    ("head_dim", None),
+)
+# The attention and MLP kernels, layers_{i}/attn/{q,k,v,o}_proj/kernel and layers_{i}/mlp/{gate,up,down}_proj/kernel:
+# what the GaLore paper projects; embeddings, the LM head and the RMSNorm scales stay full-rank.
+GALORE_PATTERN = r"(^|.*/)layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+LAYER_KINDS = ("attention", "mlp", "embedding", "lm_head")
 
 
 def _as_dtype(value: Any, field: str) -> Any:
@@ -96,6 +117,43 @@ def param_count(cfg: LlamaConfig) -> int:
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     per_layer = 4 * d * d + 3 * d * f + 2 * d
     return v * d + cfg.num_layers * per_layer + d + d * v
+
+
+def _kernel_shapes(cfg: LlamaConfig) -> list[tuple[int, int]]:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return [(d, d)] * 4 + [(d, f), (d, f), (f, d)]
+
+
+def _check_factor_rank(cfg: LlamaConfig, rank: int) -> None:
+    checks.integer("rank", rank, minimum=1)
+    for shape in _kernel_shapes(cfg):
+        if rank > min(shape):
+            raise ValueError(f"rank={rank} exceeds min{shape}={min(shape)} of a kernel of shape {shape}")
+
+
+def lowrank_param_count(cfg: LlamaConfig, rank: int) -> int:
+    """Closed-form parameter count with every projection factored at rank r (the low-rank baseline).
+
+    Per layer: 4 r (D + D) attention + 3 r (D + F) MLP + 2 D norms; plus
+    embeddings V D, final norm D and LM head D V.
+    """
+    _check_factor_rank(cfg, rank)
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    per_layer = 4 * rank * 2 * d + 3 * rank * (d + f) + 2 * d
+    return v * d + cfg.num_layers * per_layer + d + d * v
+
+
+def lora_param_count(cfg: LlamaConfig, rank: int, *, train_others: bool = True) -> tuple[int, int]:
+    """(total, trainable) parameters with LoRA of rank r on every projection.
+
+    Total = full model + L (4 r 2D + 3 r (D + F)); trainable = the factors, plus
+    embeddings, norms and LM head when `train_others`.
+    """
+    _check_factor_rank(cfg, rank)
+    factors = cfg.num_layers * sum(rank * (m + n) for m, n in _kernel_shapes(cfg))
+    d, v = cfg.hidden_size, cfg.vocab_size
+    others = v * d + cfg.num_layers * 2 * d + d + d * v
+    return param_count(cfg) + factors, factors + (others if train_others else 0)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
@@ -215,3 +273,47 @@ class Llama(nn.Module):
         x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
         logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
         return logits.astype(jnp.float32)
+
+
+def layer_kind(path: tuple) -> str | None:
+    """Layer kind of a parameter path: attention, mlp, embedding, lm_head, or None (norm scales)."""
+    names = [str(getattr(k, "key", k)) for k in path]
+    if "attn" in names:
+        return "attention"
+    if "mlp" in names:
+        return "mlp"
+    if names and names[0] == "embed":
+        return "embedding"
+    if names and names[0] == "lm_head":
+        return "lm_head"
+    return None
+
+
+def per_layer_stages(cfg: LlamaConfig, *, inputs_of: Callable[[Any], jax.Array],
+                     loss_of: Callable[[jax.Array, Any], jax.Array]) -> list[Stage]:
+    """The model as the per-layer update walks it: the embedding of `inputs_of(batch)` (int [B, T]),
+    the blocks layers_0 .. layers_{L-1}, then the final norm and LM head, whose float32 logits
+    [B, T, V] go to `loss_of(logits, batch)`. The same function as `Llama(cfg)` without remat."""
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    block = Block(cfg)
+    norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def head(params, x, batch):
+        x = norm.apply({"params": params["final_norm"]}, x)
+        return loss_of(lm_head.apply({"params": params["lm_head"]}, x).astype(jnp.float32), batch)
+
+    blocks = [Stage((f"layers_{i}",), lambda params, x, batch, name=f"layers_{i}": block.apply(
+        {"params": params[name]}, x)) for i in range(cfg.num_layers)]
+    return [Stage(("embed",), lambda params, x, batch: embed.apply({"params": params["embed"]}, inputs_of(batch))),
+            *blocks, Stage(("final_norm", "lm_head"), head)]
+
+
+FAMILY = ModelFamily(name="llama", axis_rules=AXIS_RULES, projected=GALORE_PATTERN, layer_kind=layer_kind,
+                     stages=per_layer_stages)
+
+
+def galore_mask(params: Any) -> Any:
+    """True at the attention and MLP kernels of `Llama` parameters (`FAMILY.galore_mask`), e.g.
+    `lorank.optim.galore_adamw(lr, rank, galore_mask=lorank.models.llama.galore_mask)`."""
+    return FAMILY.galore_mask(params)

@@ -1,8 +1,9 @@
 """Low-rank baselines as parameter-space transformations: low-rank factorization, LoRA, ReLoRA.
 
-Nothing here changes a model. Selected 2-D kernels of a parameter tree (by
-default the attention and MLP projections of `lorank.models.llama.Llama`) are
-replaced by small dicts of factors, and `materialize` turns such a tree back
+Nothing here changes a model. Selected 2-D kernels of a parameter tree (chosen
+by a path pattern, e.g. a model family's `projected` kernels: the attention and
+MLP projections of `lorank.models.llama.Llama`) are replaced by small dicts of
+factors, and `materialize` turns such a tree back
 into the full tree the unchanged module applies:
 
     loss(params, batch) = base_loss(materialize(params, scale=...), batch)
@@ -42,11 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
-from lorank.optim.labels import LLAMA_GALORE_PATTERN
-
-# attention and MLP kernels of lorank.models.llama (any prefix): the matrices GaLore projects too.
-LLAMA_PROJECTIONS = LLAMA_GALORE_PATTERN
 
 LOWRANK_KEYS = ("lowrank_a", "lowrank_b")
 LORA_KEYS = ("lora_base", "lora_a", "lora_b")
@@ -130,8 +126,7 @@ def lowrank_factor_std(init_std: float, rank: int) -> float:
     return math.sqrt(init_std / math.sqrt(rank))
 
 
-def lowrank_init(params: Any, key: jax.Array, *, rank: int, init_std: float,
-                 pattern: str = LLAMA_PROJECTIONS) -> Any:
+def lowrank_init(params: Any, key: jax.Array, *, rank: int, init_std: float, pattern: str) -> Any:
     """Replaces each selected kernel [m, n] by {"lowrank_a": [m, r], "lowrank_b": [r, n]}, trained from scratch.
 
     Both factors are i.i.d. normal with std sqrt(init_std / sqrt(r)), so the
@@ -181,7 +176,7 @@ def _lora_a(key: jax.Array, m: int, rank: int, dtype) -> jax.Array:
     return jax.random.normal(key, (m, rank), dtype) / math.sqrt(m)
 
 
-def lora_init(params: Any, key: jax.Array, *, rank: int, pattern: str = LLAMA_PROJECTIONS) -> Any:
+def lora_init(params: Any, key: jax.Array, *, rank: int, pattern: str) -> Any:
     """Wraps each selected kernel [m, n] as {"lora_base": kernel, "lora_a": [m, r] ~ N(0, 1/m), "lora_b": 0 [r, n]}.
 
     With b = 0 the LoRA model computes exactly the base model at init. Boxed
@@ -232,9 +227,10 @@ def merge_lora(params: Any, *, scale: float) -> Any:
     return materialize(params, scale=scale, freeze_base=False)
 
 
-def factored_loss(base_loss: Callable[[Any, Any], jax.Array], *, scale: float = 1.0) -> Callable:
-    """(params, batch) -> base_loss(materialize(params, scale=scale), batch)."""
-    return lambda params, batch: base_loss(materialize(params, scale=scale), batch)
+def factored_loss(base_loss: Callable[..., Any], *, scale: float = 1.0) -> Callable:
+    """(params, *args) -> base_loss(materialize(params, scale=scale), *args), for any loss taking the
+    parameters first ((params, batch) or the training loop's (params, extra, batch, rng))."""
+    return lambda params, *args: base_loss(materialize(params, scale=scale), *args)
 
 
 def lora_labels(params: Any, *, train_others: bool = True) -> Any:
@@ -261,45 +257,6 @@ def freeze_base(tx: optax.GradientTransformation, *, train_others: bool = True) 
     """`tx` on trainable leaves, zero updates (and no optimizer state) on frozen ones (see `lora_labels`)."""
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
                                  lambda params: lora_labels(params, train_others=train_others))
-
-
-# ----------------------------------------------------------------------------- parameter counts
-
-
-def _llama_kernel_shapes(cfg) -> list[tuple[int, int]]:
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return [(d, d)] * 4 + [(d, f), (d, f), (f, d)]
-
-
-def _check_llama_rank(cfg, rank: int) -> None:
-    for shape in _llama_kernel_shapes(cfg):
-        _check_rank(rank, shape, f"a kernel of shape {shape}")
-
-
-def lowrank_param_count(cfg, rank: int) -> int:
-    """Closed-form parameter count of Llama(cfg) with every projection factored at rank r.
-
-    Per layer: 4 r (D + D) attention + 3 r (D + F) MLP + 2 D norms; plus
-    embeddings V D, final norm D and LM head D V.
-    """
-    _check_llama_rank(cfg, rank)
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    per_layer = 4 * rank * 2 * d + 3 * rank * (d + f) + 2 * d
-    return v * d + cfg.num_layers * per_layer + d + d * v
-
-
-def lora_param_count(cfg, rank: int, *, train_others: bool = True) -> tuple[int, int]:
-    """(total, trainable) parameters of Llama(cfg) with LoRA of rank r on every projection.
-
-    Total = full model + L (4 r 2D + 3 r (D + F)); trainable = the factors, plus
-    embeddings, norms and LM head when `train_others`.
-    """
-    _check_llama_rank(cfg, rank)
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    factors = cfg.num_layers * (4 * rank * 2 * d + 3 * rank * (d + f))
-    full = v * d + cfg.num_layers * (4 * d * d + 3 * d * f + 2 * d) + d + d * v
-    others = v * d + cfg.num_layers * 2 * d + d + d * v
-    return full + factors, factors + (others if train_others else 0)
 
 
 # ----------------------------------------------------------------------------- ReLoRA

@@ -12,13 +12,7 @@ The quantizer itself is `lorank.optim.quantize.quantize` / `.dequantize` (module
 from lorank.optim.galore import ProjectorState, ScaleByGaloreState, scale_by_galore
 from lorank.optim.galore_optimizers import galore_adafactor, galore_adamw, galore_adamw_8bit
 from lorank.optim.inspection import find_galore_states, galore_metrics
-from lorank.optim.labels import (
-    label_by_path,
-    llama_galore_labels,
-    llama_galore_mask,
-    mask_by_path,
-    path_str,
-)
+from lorank.optim.labels import label_by_path, mask_by_path, path_str
 from lorank.optim.projection import PROJ_TYPES, MatrixAxes
 from lorank.optim.quantize import (
     QuantizedArray,
@@ -35,6 +29,6 @@ __all__ = [
     "exact_top_singular", "find_galore_states", "galore_adafactor", "galore_adamw", "galore_adamw_8bit",
     "galore_metrics", "optimizer_state_shardings", "randomized_top_singular", "scale_by_galore",
     "tree_shardings",
-    "label_by_path", "llama_galore_labels", "llama_galore_mask", "mask_by_path", "path_str",
+    "label_by_path", "mask_by_path", "path_str",
     "QuantizedArray", "ScaleByAdam8bitState", "dynamic_code_map", "scale_by_adam_8bit", "tree_nbytes",
 ]

@@ -126,7 +126,7 @@ def scale_by_galore(
         `optax.scale_by_adam()`.
       galore_mask: which leaves are projected: a pytree (or prefix) of Python
         bools, or a callable params -> such a pytree (e.g.
-        `lorank.optim.labels.llama_galore_mask`). None: every 2-D leaf and every
+        `lorank.models.llama.galore_mask`). None: every 2-D leaf and every
         leaf with a MatrixAxes. Selected leaves whose smaller matrix dimension
         is at most `rank` run through `inner` at full rank, unscaled.
       matrix_axes: None, a MatrixAxes, a pytree (prefix) of MatrixAxes/None, or a

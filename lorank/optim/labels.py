@@ -3,7 +3,8 @@
 Masks here are pytrees of Python bools with the params' structure, the form
 `optax.masked`, `optax.add_decayed_weights` and `scale_by_galore(galore_mask=...)`
 take; labels are strings for `optax.multi_transform`. Pass unboxed parameters
-(`flax.linen.meta.unbox`), whose paths are the module paths.
+(`flax.linen.meta.unbox`), whose paths are the module paths. Which paths a
+model family projects is the family's business (`lorank.models.family`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import re
 from typing import Any, Sequence
 
 import jax
-
-# attention and MLP kernels of lorank.models.llama: layers_{i}/attn/{q,k,v,o}_proj/kernel,
-# layers_{i}/mlp/{gate,up,down}_proj/kernel.
-LLAMA_GALORE_PATTERN = r"(^|.*/)layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -54,18 +51,3 @@ def label_by_path(params: Any, rules: Sequence[tuple[str, str]], default: str) -
         return next((lab for regex, lab in compiled if regex.fullmatch(s)), default)
 
     return jax.tree_util.tree_map_with_path(label, params)
-
-
-def llama_galore_mask(params: Any) -> Any:
-    """True at the attention and MLP kernels of a `lorank.models.llama.Llama`.
-
-    These are what the GaLore paper projects; embeddings, the LM head and the
-    RMSNorm scales stay full-rank AdamW. Works on the params dict itself or on a
-    tree that holds it under further keys (e.g. {"params": ...}).
-    """
-    return mask_by_path(params, LLAMA_GALORE_PATTERN)
-
-
-def llama_galore_labels(params: Any) -> Any:
-    """'galore' at attention/MLP kernels, 'adamw' elsewhere, for optax.multi_transform."""
-    return label_by_path(params, [(LLAMA_GALORE_PATTERN, "galore")], "adamw")

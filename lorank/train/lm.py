@@ -1,4 +1,9 @@
-"""Language-model pieces for the generic loop: next-token loss, the task, sampling."""
+"""Language-model pieces for the generic loop: next-token loss, the task, its step plan, sampling.
+
+The models are LLaMA-style decoders (`lorank.models.llama`); what the generic
+layers need to know about them comes from the model family (`llama.FAMILY`):
+logical-axis rules, projected kernels, layer kinds, per-layer stages.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh
+
 from lorank.analysis import grad_rank
 from lorank.data import text
 from lorank.models import llama
+from lorank.models.family import ModelFamily
+from lorank.train import loop as loop_lib, per_layer
 from lorank.train.loop import LoopConfig, Task
 
 
@@ -50,25 +59,28 @@ def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], 
     return lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
-def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray) -> Callable[[dict], dict[str, jax.Array]]:
-    """params -> {"grad_stable_rank/<group>": mean stable rank of that layer kind's gradients on `probe_batch`}."""
+def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray,
+                        layer_kind: Callable[[tuple], str | None]) -> Callable[[dict], dict[str, jax.Array]]:
+    """params -> {"grad_stable_rank/<kind>": mean stable rank of that layer kind's gradients on `probe_batch`}."""
     probe_batch = jnp.asarray(probe_batch)
 
     def probe(params):
         grads = jax.grad(loss_fn)(params, probe_batch)
-        return {f"grad_stable_rank/{k}": v for k, v in grad_rank.group_stable_ranks(grads).items()}
+        return {f"grad_stable_rank/{k}": v for k, v in grad_rank.group_stable_ranks(grads, layer_kind).items()}
 
     return probe
 
 
-def shapes_task(model: nn.Module) -> Task:
+def shapes_task(model: nn.Module, family: ModelFamily = llama.FAMILY) -> Task:
     """A `Task` with the model's parameters and loss but no data: for building optimizer states and
     train steps from shapes (restoring checkpoints, memory analysis)."""
-    return Task(init_params=init_params_fn(model), loss_fn=next_token_loss(model), train_batch=lambda step: None)
+    return Task(init_params=init_params_fn(model), loss_fn=loop_lib.plain_loss(next_token_loss(model)),
+                train_batch=lambda step, rows=None: None, axis_rules=family.axis_rules)
 
 
 def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray, loop: LoopConfig, *,
-                 seq_len: int, eval_batches: int, data_seed: int = 0, track_grad_rank: bool = False) -> Task:
+                 seq_len: int, eval_batches: int, data_seed: int = 0, track_grad_rank: bool = False,
+                 family: ModelFamily = llama.FAMILY) -> Task:
     """A `Task` training `model` on random windows of `train_tokens`, evaluated on `val_tokens`.
 
     Evaluation uses the first `eval_batches` global batches of consecutive
@@ -78,16 +90,19 @@ def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndar
     """
     sampler = text.SequenceSampler(train_tokens, seq_len, loop.batch_size, seed=data_seed)
     return make_sequence_task(model, sampler.batch, text.eval_sequences(val_tokens, seq_len), loop,
-                              seq_len=seq_len, eval_batches=eval_batches, track_grad_rank=track_grad_rank)
+                              seq_len=seq_len, eval_batches=eval_batches, track_grad_rank=track_grad_rank,
+                              family=family)
 
 
-def make_sequence_task(model: nn.Module, train_batch: Callable[[int], np.ndarray], val: np.ndarray,
+def make_sequence_task(model: nn.Module, train_batch: Callable[[int, np.ndarray | None], np.ndarray], val: np.ndarray,
                        loop: LoopConfig, *, seq_len: int, eval_batches: int, pad_id: int | None = None,
-                       track_grad_rank: bool = False) -> Task:
-    """A `Task` training `model` on `train_batch(step)` (int [batch, T+1]), evaluated on `val` [M, T+1].
+                       track_grad_rank: bool = False, family: ModelFamily = llama.FAMILY) -> Task:
+    """A `Task` training `model` on `train_batch(step, rows)` (int [rows, T+1]), evaluated on `val` [M, T+1].
 
-    Evaluation uses the first `eval_batches` micro-batches of `val`. `pad_id`:
-    targets to leave out of the loss (see `next_token_loss`).
+    Every `loop.eval_every` steps the task reports `eval_loss`, the mean loss over the first
+    `eval_batches` micro-batches of `val`, and with `track_grad_rank` the gradient stable rank
+    per layer kind (`family.layer_kind`) on the first of them. `pad_id`: targets to leave out of
+    the loss (see `next_token_loss`). Parameters are laid out by `family.axis_rules`.
     """
     usable = (len(val) // loop.micro_batch) * loop.micro_batch
     if usable == 0:
@@ -95,15 +110,32 @@ def make_sequence_task(model: nn.Module, train_batch: Callable[[int], np.ndarray
                          f"the micro-batch {loop.micro_batch}")
     val = val[: min(usable, eval_batches * loop.micro_batch)]
     loss_fn = next_token_loss(model, pad_id)
+    evaluators = [loop_lib.mean_loss_evaluator(lambda params, extra, batch: loss_fn(params, batch), val,
+                                               loop.micro_batch, loop.eval_every)]
+    if track_grad_rank:
+        probe = gradient_rank_probe(loss_fn, val[: loop.micro_batch], family.layer_kind)
+        evaluators.append(loop_lib.params_evaluator(probe, loop.eval_every))
     return Task(
         init_params=init_params_fn(model, seq_len),
-        loss_fn=loss_fn,
+        loss_fn=loop_lib.plain_loss(loss_fn),
         train_batch=train_batch,
-        eval_batches=lambda: np.split(val, len(val) // loop.micro_batch),
+        evaluators=tuple(evaluators),
         items_per_step=loop.batch_size * seq_len,
         item_name="tokens",
-        probes=gradient_rank_probe(loss_fn, val[: loop.micro_batch]) if track_grad_rank else None,
+        axis_rules=family.axis_rules,
     )
+
+
+def step_plan(config, model: llama.Llama, method, mesh: Mesh, key: jax.Array, *,
+              pad_id: int | None = None, family: ModelFamily = llama.FAMILY) -> loop_lib.StepPlan:
+    """The `loop.StepPlan` that `config.optim.update_schedule` selects for `method` (a
+    `lorank.train.methods.Method` of `model`): the per-layer plan over the family's stages of the
+    next-token loss for "per_layer", `loop.joint_step_plan` otherwise ("joint", the default)."""
+    if config.optim.get("update_schedule", "joint") != "per_layer":
+        return loop_lib.joint_step_plan(method.task, method.tx, mesh, key)
+    stages = family.stages(model.cfg, inputs_of=lambda batch: batch[:, :-1],
+                           loss_of=lambda logits, batch: mean_cross_entropy(logits, batch[:, 1:], pad_id))
+    return per_layer.step_plan(config, family, stages, method.task, mesh, key)
 
 
 def generate(model: nn.Module, params, prompt: np.ndarray, length: int, *, key: jax.Array,

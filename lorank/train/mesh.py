@@ -1,8 +1,10 @@
-"""The device mesh and the one table mapping logical axes onto it.
+"""The device mesh, logical-axis layouts on it, and batches fed per process.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
 and optimizer state sharded), `tensor` (tensor parallel: heads, MLP and vocab
-dimensions split). The batch is split over data x fsdp.
+dimensions split). The batch is split over data x fsdp; how a model's logical
+axes map onto the mesh is the model family's `axis_rules`
+(`lorank.models.family.ModelFamily`).
 """
 
 from __future__ import annotations
@@ -19,18 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis name -> mesh axis (or None: replicated). One table for all models.
-LOGICAL_AXIS_RULES = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("joined_kv", "tensor"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("length", None),
-    ("head_dim", None),
-)
+# The logical batch axis of activations and batches; model families add their parameters' rules.
+BATCH_RULE = ("batch", BATCH_AXES)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -71,10 +63,14 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-    """NamedShardings for a pytree of `nn.LogicallyPartitioned` boxes (or plain leaves: replicated)."""
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: tuple = ()) -> Any:
+    """NamedShardings for a pytree of `nn.LogicallyPartitioned` boxes (plain leaves: replicated).
+
+    `rules` map logical axis names to mesh axes (a model family's `axis_rules`; `BATCH_RULE` is
+    added); a logical axis without a rule is replicated.
+    """
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return nn.logical_to_mesh_sharding(specs, mesh, (BATCH_RULE, *rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -84,6 +80,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
     """Sharding of a batch whose batch axis follows `leading_dims` unsharded axes."""
     return NamedSharding(mesh, P(*([None] * leading_dims), BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, batch_shape: tuple[int, ...]) -> np.ndarray:
+    """The rows of a global batch this process feeds, as indices into its flattened batch axes.
+
+    A batch laid out as `batch_shape` = (*leading, batch) (e.g. (grad_accum, micro_batch)) is
+    split over the mesh's data axes along its last axis; this process's devices hold one
+    contiguous range [lo, hi) of it. Returns int64 [prod(leading) * (hi - lo)]: the indices
+    a * batch + j (a over the leading positions, j in [lo, hi)) into the flattened
+    [prod(batch_shape)] batch, in row-major order. One process: every row.
+    """
+    *leading, size = batch_shape
+    sharding = batch_sharding(mesh, leading_dims=len(leading))
+    spans = sorted({index[-1].indices(size)[:2] for index in
+                    sharding.addressable_devices_indices_map(tuple(batch_shape)).values()})
+    lo, hi = spans[0][0], spans[0][1]
+    for start, stop in spans[1:]:
+        if start > hi:
+            raise ValueError(f"this process's devices hold rows {spans} of a batch of {size}, which are not "
+                             "contiguous: order the mesh's devices by process")
+        hi = max(hi, stop)
+    local = np.arange(lo, hi)
+    offsets = np.arange(math.prod(leading)) * size
+    return (offsets[:, None] + local[None, :]).reshape(-1)
+
+
+def global_batch(mesh: Mesh, local: Any, batch_shape: tuple[int, ...]) -> Any:
+    """Global arrays of a batch from the rows this process holds (`process_rows` order).
+
+    Args:
+      mesh: the mesh whose data axes split the batch.
+      local: pytree of host arrays, each [len(process_rows(mesh, batch_shape)), ...].
+      batch_shape: (*leading, batch), e.g. (grad_accum, micro_batch).
+    Returns:
+      The pytree of jax.Arrays [*batch_shape, ...] sharded by `batch_sharding` (each host
+      transfers only its own rows).
+    """
+    *leading, size = batch_shape
+    sharding = batch_sharding(mesh, leading_dims=len(leading))
+
+    def one(x):
+        x = np.asarray(x)
+        rows = x.reshape(*leading, -1, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, rows, (*batch_shape, *x.shape[1:]))
+
+    return jax.tree.map(one, local)
 
 
 def maybe_initialize_distributed() -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from lorank.models import lora
+from lorank.models.family import ModelFamily
 from lorank.optim import labels, quantize
 from lorank.train import optimizers
 from lorank.train.loop import Task
@@ -61,12 +62,13 @@ def lora_scale(optim_config) -> float:
     return lora.lora_scale(float(optim_config.lora_alpha), int(optim_config.rank))
 
 
-def check_method(optim_config, params: Any) -> None:
+def check_method(optim_config, params: Any, family: ModelFamily) -> None:
     """Checks the method name and that `optim.rank` fits every projected kernel of `params`.
 
     Args:
       optim_config: config.optim.
       params: the full-rank parameters (arrays, ShapeDtypeStructs, boxed or not).
+      family: the model's family (which kernels are projected or factored).
     Raises:
       ValueError: unknown method, or a rank that is not a positive integer or exceeds
         min(m, n) of a projected kernel (the kernel's path and shape are named).
@@ -80,7 +82,7 @@ def check_method(optim_config, params: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"optim.rank must be a positive integer, got {rank!r}")
     plain = nn.unbox(params)
-    selected = labels.llama_galore_mask(plain)
+    selected = family.galore_mask(plain)
     for (path, leaf), chosen in zip(jax.tree_util.tree_flatten_with_path(plain)[0], jax.tree.leaves(selected)):
         if chosen and rank > min(leaf.shape):
             raise ValueError(f"optim.rank={rank} exceeds min{tuple(leaf.shape)}={min(leaf.shape)} of "
@@ -88,7 +90,8 @@ def check_method(optim_config, params: Any) -> None:
 
 
 def _factored_task(task: Task, init: Callable[[Any, jax.Array], Any], scale: float) -> Task:
-    """`task` on factored parameters: init(full_params, key) factors them; losses and probes see materialize(.)."""
+    """`task` on factored parameters: init(full_params, key) factors them; the loss and the
+    evaluators see materialize(.)."""
 
     def init_params(key):
         return init(task.init_params(key), jax.random.fold_in(key, 1))
@@ -96,17 +99,18 @@ def _factored_task(task: Task, init: Callable[[Any, jax.Array], Any], scale: flo
     def full(params):
         return lora.materialize(params, scale=scale, freeze_base=False)
 
-    probes = (lambda params: task.probes(full(params))) if task.probes else None
     return dataclasses.replace(task, init_params=init_params, loss_fn=lora.factored_loss(task.loss_fn, scale=scale),
-                               probes=probes)
+                               evaluators=tuple(ev.viewed(full) for ev in task.evaluators))
 
 
-def build_method(config, task: Task) -> Method:
-    """The method `config.optim.name` for a full-rank LLaMA `task`.
+def build_method(config, task: Task, family: ModelFamily) -> Method:
+    """The method `config.optim.name` for a full-rank `task` of a model of `family`.
 
     Args:
       config: the experiment config (reads `optim`, `train.steps`, `model.init_std` if present).
-      task: the full-rank task (`lorank.train.lm.make_lm_task`).
+      task: the full-rank task (e.g. `lorank.train.lm.make_lm_task`).
+      family: the model's family: GaLore projects, and lowrank / LoRA / ReLoRA factor, its
+        `projected` kernels.
     Returns:
       A `Method`.
     Raises:
@@ -114,27 +118,28 @@ def build_method(config, task: Task) -> Method:
     """
     c = config.optim
     steps = int(config.train.steps)
-    check_method(c, jax.eval_shape(task.init_params, jax.random.key(0)))
+    check_method(c, jax.eval_shape(task.init_params, jax.random.key(0)), family)
     name = c.name
     if name in optimizers.OPTIMIZERS:
-        tx, schedule = optimizers.build_optimizer(c, steps)
+        tx, schedule = optimizers.build_optimizer(c, steps, family)
         return Method(name, task, tx, schedule, export=lambda params: params)
 
     rank = int(c.rank)
     schedule = optimizers.learning_rate_schedule(c, steps)
     if name == "lowrank":
         init_std = float(config.model.get("init_std", 0.02))
-        init = lambda params, key: lora.lowrank_init(params, key, rank=rank, init_std=init_std)  # noqa: E731
-        tx = optimizers.update_rule(c, "adamw", schedule)
+        init = lambda params, key: lora.lowrank_init(params, key, rank=rank, init_std=init_std,  # noqa: E731
+                                                     pattern=family.projected)
+        tx = optimizers.update_rule(c, "adamw", schedule, family)
         scale = 1.0
     else:
         scale = lora_scale(c)
-        init = lambda params, key: lora.lora_init(params, key, rank=rank)  # noqa: E731
+        init = lambda params, key: lora.lora_init(params, key, rank=rank, pattern=family.projected)  # noqa: E731
         if name == "relora":
             schedule = lora.jagged_cosine_schedule(
                 optimizers.peak_lr(c), steps, int(c.warmup_steps), int(c.relora_reset_every),
                 int(c.relora_restart_warmup), end_value=optimizers.peak_lr(c) * float(c.min_lr_ratio))
-        tx = lora.freeze_base(optimizers.update_rule(c, "adamw", schedule))
+        tx = lora.freeze_base(optimizers.update_rule(c, "adamw", schedule, family))
         if name == "relora":
             tx = lora.relora(tx, reset_every=int(c.relora_reset_every), scale=scale,
                              keep_fraction=float(c.relora_keep_fraction), seed=int(config.train.seed))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lorank import optim
+from lorank.models.family import ModelFamily
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit", "galore_adafactor")
 GALORE_OPTIMIZERS = ("galore", "galore8bit", "galore_adafactor")
@@ -48,14 +49,15 @@ def decay_mask(params) -> dict:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _galore_kwargs(c) -> dict:
+def _galore_kwargs(c, family: ModelFamily) -> dict:
     return dict(rank=int(c.rank), update_proj_gap=int(c.update_proj_gap), scale=float(c.galore_scale),
                 proj_type=c.proj_type, weight_decay=c.weight_decay, mask=decay_mask,
-                galore_mask=optim.llama_galore_mask, svd=c.svd)
+                galore_mask=family.galore_mask, matrix_axes=family.matrix_axes, svd=c.svd)
 
 
-def update_rule(c, name: str, schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    """The update rule `name` of OPTIMIZERS with the hyperparameters of `c` (= config.optim), no clipping."""
+def update_rule(c, name: str, schedule: optax.ScalarOrSchedule, family: ModelFamily) -> optax.GradientTransformation:
+    """The update rule `name` of OPTIMIZERS with the hyperparameters of `c` (= config.optim), no clipping;
+    GaLore projects the kernels of `family` (its `galore_mask` and `matrix_axes`)."""
     adam = dict(b1=c.b1, b2=c.b2, eps=c.eps)
     if name == "adamw":
         return optax.adamw(schedule, **adam, weight_decay=c.weight_decay, mask=decay_mask)
@@ -66,11 +68,11 @@ def update_rule(c, name: str, schedule: optax.ScalarOrSchedule) -> optax.Gradien
     if name == "sgd":
         return optax.sgd(schedule, momentum=c.b1 or None)
     if name == "galore":
-        return optim.galore_adamw(schedule, **adam, **_galore_kwargs(c))
+        return optim.galore_adamw(schedule, **adam, **_galore_kwargs(c, family))
     if name == "galore8bit":
-        return optim.galore_adamw_8bit(schedule, **adam, **_galore_kwargs(c), block_size=int(c.block_size))
+        return optim.galore_adamw_8bit(schedule, **adam, **_galore_kwargs(c, family), block_size=int(c.block_size))
     if name == "galore_adafactor":
-        return optim.galore_adafactor(schedule, **_galore_kwargs(c))
+        return optim.galore_adafactor(schedule, **_galore_kwargs(c, family))
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
@@ -110,8 +112,10 @@ def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.Gradi
     return optax.chain(clipping, tx)
 
 
-def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain named by `optim_config.name` (one of OPTIMIZERS), clipped per `clip_norm`.
+def build_optimizer(optim_config, total_steps: int, family: ModelFamily
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain named by `optim_config.name` (one of OPTIMIZERS) for a model of `family`,
+    clipped per `clip_norm`.
 
     Returns:
       (transformation, learning-rate schedule) — the schedule is returned for logging.
@@ -120,7 +124,7 @@ def build_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTrans
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optim.name={name!r}; expected one of {OPTIMIZERS}")
     schedule = learning_rate_schedule(optim_config, total_steps)
-    return with_clipping(optim_config, update_rule(optim_config, name, schedule)), schedule
+    return with_clipping(optim_config, update_rule(optim_config, name, schedule, family)), schedule
 
 
 def lr_scalars(schedule: Callable[[int], float]) -> Callable[[int], dict[str, float]]:

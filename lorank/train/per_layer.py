@@ -1,18 +1,19 @@
-"""The GaLore paper's per-layer weight update as a LLaMA train step.
+"""The GaLore paper's per-layer weight update as a train step over a model family's stages.
 
     config.optim.update_schedule = "per_layer"   # "joint": the standard step (loop.make_train_step)
-    config.optim.update_chunk = 2**24            # embedding / LM head updated in row chunks (0: whole leaves)
+    config.optim.update_chunk = 2**24            # unprojected matrices updated in row chunks (0: whole leaves)
     config.optim.clip_scope = "per_leaf"         # each leaf clipped by its own norm (or clip_norm = 0)
 
 The standard step computes every gradient, then every update, so all gradients
 are alive at once (and global-norm clipping needs them all). The per-layer step
-back-propagates layer group by layer group (`layer_groups`: head, last block,
-..., first block, embedding) and updates each group's weights before the next
-group's backward, so at most one group's gradient exists at a time: the 7B
-8-bit GaLore train step fits in 20.7 GB instead of 47.6 GB (docs/memory.md).
-With per-leaf clipping (or none) it computes exactly what the standard step
-computes; it takes no gradient accumulation and trains the model's own
-parameters (full-rank methods, GaLore included; not lowrank, lora, relora).
+walks the model as a list of stages (`lorank.models.family.Stage`: for LLaMA the
+embedding, each block, the head) and back-propagates stage by stage from the
+last (`layer_groups`), updating each stage's weights before the next stage's
+backward, so at most one stage's gradient exists at a time (docs/memory.md has
+the measured memory). With per-leaf clipping (or none) it computes exactly what
+the standard step computes; it takes no gradient accumulation and trains the
+model's own parameters (full-rank methods, GaLore included; not lowrank, lora,
+relora).
 """
 
 from __future__ import annotations
@@ -27,26 +28,25 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorank.models import llama
-from lorank.optim import labels, quantize
-from lorank.optim.sharding import optimizer_state_shardings
-from lorank.train import lm, loop, methods, optimizers
+from lorank import optim
+from lorank.models.family import ModelFamily, Stage
+from lorank.optim import quantize
+from lorank.train import loop, methods, optimizers
 from lorank.train import mesh as mesh_lib
 
 UPDATE_SCHEDULES = ("joint", "per_layer")
-# Update rules that act elementwise on the leaves outside GaLore's mask (embedding, LM head),
-# so that updating those in row chunks gives exactly the whole leaf's update.
+# Update rules that act elementwise on the leaves outside GaLore's mask (LLaMA's embedding and LM
+# head), so that updating those in row chunks gives exactly the whole leaf's update.
 ELEMENTWISE = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit")
 
 
 # --------------------------------------------------------------------------- the plan
 
 
-def layer_groups(num_layers: int) -> list[tuple[str, ...]]:
-    """Top-level parameter groups in the order the backward pass reaches them: the head
-    (final norm, LM head), blocks L-1 .. 0, the embedding."""
-    blocks = [(f"layers_{i}",) for i in reversed(range(num_layers))]
-    return [("final_norm", "lm_head")] + blocks + [("embed",)]
+def layer_groups(stages: list[Stage]) -> list[tuple[str, ...]]:
+    """The stages' top-level parameter groups in the order the backward pass reaches them (last stage
+    first; for LLaMA: the head, blocks L-1 .. 0, the embedding)."""
+    return [stage.keys for stage in reversed(stages)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +123,13 @@ def row_chunks(rows: int, cols: int, max_values: int, block_size: int) -> list[t
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def update_plan(params: dict, num_layers: int, *, chunk_values: int, block_size: int,
+def update_plan(params: dict, groups: list[tuple[str, ...]], *, chunk_values: int, block_size: int,
                 chunkable: Callable[[tuple[str, ...], tuple[int, ...]], bool]) -> list[list[Piece]]:
-    """Per group (`layer_groups` order), the pieces its update runs as: matrices with more than
-    `chunk_values` values that `chunkable(path, shape)` allows are updated in row chunks
+    """Per group of `groups` (`layer_groups` order), the pieces its update runs as: matrices with
+    more than `chunk_values` values that `chunkable(path, shape)` allows are updated in row chunks
     (`row_chunks`), the group's other leaves in one piece. `chunk_values` 0: no chunks."""
     plan = []
-    for group in layer_groups(num_layers):
+    for group in groups:
         sub = {k: params[k] for k in group}
         chunked = []
         for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
@@ -157,7 +157,7 @@ def init_fn(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransform
         params = nn.unbox(init_params(key))
         states = {piece.name: tx.init(piece_tree({k: params[k] for k in piece.group}, piece))
                   for piece in _pieces(plan)}
-        return loop.TrainState(jnp.zeros((), jnp.int32), params, states)
+        return loop.TrainState(jnp.zeros((), jnp.int32), params, states, {}, jnp.zeros((), jnp.int32))
 
     return init
 
@@ -165,45 +165,35 @@ def init_fn(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransform
 # --------------------------------------------------------------------------- the step
 
 
-def train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: list[list[Piece]], *,
-               clip_norm: float, pad_id: int | None = None) -> Callable:
-    """A LLaMA train step that updates each layer group as soon as its gradient exists.
+def train_step(stages: list[Stage], tx: optax.GradientTransformation, plan: list[list[Piece]], *,
+               clip_norm: float) -> Callable:
+    """A train step that updates each stage's weights as soon as their gradient exists.
 
-    Forward: embedding, blocks, head, keeping only each block's input [B, T, D]. Backward, group
-    by group (`layer_groups`): one `jax.lax.cond` region recomputes the group under `jax.vjp`
-    (full remat, whatever `cfg.remat` says) and returns its weight gradient, clipped leaf by leaf
-    at `clip_norm` (0: none), and its input cotangent; then one region per piece of `plan`
-    updates those weights (or rows) with the piece's own `tx` state. Each region takes the
-    cotangent from the previous one and hands it on, so XLA cannot defer an update past the next
-    group's backward, and no two groups' gradients are alive at once. (`optimization_barrier`
-    does not give this order: XLA's CPU pipeline drops barriers before scheduling.) The regions'
-    predicate is a finite loss; with a non-finite loss no weight or state changes.
+    Forward: the stages in order, keeping only each stage's input. Backward, stage by stage from
+    the last (`layer_groups`): one `jax.lax.cond` region recomputes the stage under `jax.vjp`
+    (full remat) and returns its weight gradient, clipped leaf by leaf at `clip_norm` (0: none),
+    and its input cotangent; then one region per piece of `plan` updates those weights (or rows)
+    with the piece's own `tx` state. Each region takes the cotangent from the previous one and
+    hands it on, so XLA cannot defer an update past the next stage's backward, and no two
+    stages' gradients are alive at once. (`optimization_barrier` does not give this order:
+    XLA's CPU pipeline drops barriers before scheduling.) The regions' predicate is a finite
+    loss; with a non-finite loss no weight or state changes.
 
     Args:
-      cfg: the model.
+      stages: the model in forward order (`ModelFamily.stages`); the last returns the loss.
       tx: the update rule without clipping; row chunks (`update_plan`) need one that acts
         elementwise on the chunked leaves, so that chunks update exactly as the whole leaf.
-      plan: `update_plan` of the parameters.
+      plan: `update_plan` of the parameters over `layer_groups(stages)`.
       clip_norm: per-leaf clipping threshold (the chunked leaf's own norm, not the chunk's).
-      pad_id: targets left out of the loss, as in `lm.next_token_loss`.
     Returns:
-      step(state, batch int [1, B, T + 1]) -> (state, {"loss", "grad_norm"}), with state from
-      `init_fn(..., plan)`; the loss of `lm.next_token_loss(llama.Llama(cfg), pad_id)`.
+      step(state, batch with leaves [1, B, ...]) -> (state, {"loss", "grad_norm", "finite"}),
+      with state from `init_fn(..., plan)`.
     """
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    block = llama.Block(cfg)
-    norm = llama.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
-    lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-
-    def head_loss(head_params, x, targets):
-        x = norm.apply({"params": head_params["final_norm"]}, x)
-        logits = lm_head.apply({"params": head_params["lm_head"]}, x).astype(jnp.float32)
-        return lm.mean_cross_entropy(logits, targets, pad_id)
 
     def backward(forward: Callable, finite, params, x, cotangent):
         """(clipped gradient of params, cotangent of x or None, squared gradient norm).
 
-        forward(params, x) is the group's output; x None: no differentiable input."""
+        forward(params, x) is the stage's output; x None: no differentiable input."""
 
         def run(operands):
             params, x, cotangent = operands
@@ -240,27 +230,28 @@ def train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: l
         return jax.lax.cond(finite, run, skip, (params, opt_state, grads, cotangent))
 
     def step(state: loop.TrainState, batch):
-        if batch.shape[0] != 1:
-            raise ValueError(f"the per-layer step takes no gradient accumulation, got batch {batch.shape}")
-        tokens = batch[0]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        if accum != 1:
+            raise ValueError(f"the per-layer step takes no gradient accumulation, got {accum} micro-batches")
+        batch = jax.tree.map(lambda x: x[0], batch)
         params = state.params
-        xs = [embed.apply({"params": params["embed"]}, inputs)]
-        for i in range(cfg.num_layers):
-            xs.append(block.apply({"params": params[f"layers_{i}"]}, xs[-1]))
-        loss = head_loss({k: params[k] for k in ("final_norm", "lm_head")}, xs[-1], targets)
+
+        def group(keys):
+            return {k: params[k] for k in keys}
+
+        inputs = [None]  # inputs[k]: the input of stage k
+        for stage in stages[:-1]:
+            inputs.append(stage.apply(group(stage.keys), inputs[-1], batch))
+        loss = stages[-1].apply(group(stages[-1].keys), inputs[-1], batch)
         finite = jnp.isfinite(loss)
 
-        groups = layer_groups(cfg.num_layers)
-        forwards = ([lambda p, x: head_loss(p, x, targets)]
-                    + [lambda p, x, g=g: block.apply({"params": p[g[0]]}, x) for g in groups[1:-1]]
-                    + [lambda p, _: embed.apply({"params": p["embed"]}, inputs)])
-        xs_by_group = [xs[-1]] + list(reversed(xs[:-1])) + [None]
         new_params, new_states, sq_norms = {}, {}, []
         cotangent = jnp.ones((), jnp.float32)
-        for group, pieces, forward, x in zip(groups, plan, forwards, xs_by_group):
-            group_params = {k: params[k] for k in group}
-            grads, x_cotangent, sq_norm = backward(forward, finite, group_params, x, cotangent)
+        for k, pieces in zip(reversed(range(len(stages))), plan):
+            stage = stages[k]
+            group_params = group(stage.keys)
+            forward = lambda p, x, stage=stage: stage.apply(p, x, batch)  # noqa: E731
+            grads, x_cotangent, sq_norm = backward(forward, finite, group_params, inputs[k], cotangent)
             sq_norms.append(sq_norm)
             carry = jnp.zeros((), jnp.float32) if x_cotangent is None else x_cotangent
             new_group, chunks = {}, {}
@@ -276,8 +267,9 @@ def train_step(cfg: llama.LlamaConfig, tx: optax.GradientTransformation, plan: l
                 new_group = _merge(new_group, _nest(path, jnp.concatenate(parts, axis=0)))
             new_params.update(new_group)
             cotangent = carry
-        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(sq_norms))}
-        return loop.TrainState(state.step + 1, new_params, new_states), metrics
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(sq_norms)), "finite": finite}
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        return loop.TrainState(state.step + 1, new_params, new_states, state.extra, skipped), metrics
 
     return step
 
@@ -326,39 +318,38 @@ def _fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(sharding.mesh, PartitionSpec(*axes))
 
 
-def step_plan(config, model: llama.Llama, task: loop.Task, mesh: Mesh, key: jax.Array, *,
-              pad_id: int | None = None) -> loop.StepPlan:
-    """The per-layer `loop.StepPlan` of training config `config` (a full-rank method) for `model`.
+def step_plan(config, family: ModelFamily, stages: list[Stage], task: loop.Task, mesh: Mesh,
+              key: jax.Array) -> loop.StepPlan:
+    """The per-layer `loop.StepPlan` of training config `config` (a full-rank method) over `stages`.
 
     The update rule is `optim.name`'s without clipping (the step clips each leaf at
-    `optim.clip_norm` itself). With `optim.update_chunk` > 0, the embedding and LM head (the
-    leaves outside GaLore's mask) are updated in row chunks of at most that many values when
-    the method acts elementwise on them (ELEMENTWISE). Each piece's optimizer state follows its
-    parameters' sharding (`optimizer_state_shardings`; a chunk keeps its leaf's sharding where the
-    mesh divides the chunk).
+    `optim.clip_norm` itself). With `optim.update_chunk` > 0, matrices outside the family's
+    GaLore mask (LLaMA's embedding and LM head) are updated in row chunks of at most that many
+    values when the method acts elementwise on them (ELEMENTWISE). Each piece's optimizer state
+    follows its parameters' sharding (`lorank.optim.optimizer_state_shardings`; a chunk keeps its
+    leaf's sharding where the mesh divides the chunk).
 
     Args:
       config: the training config (`optim`, `train`).
-      model: the LLaMA model `task` trains.
-      task: its full-rank task (`lm.make_sequence_task`); its parameters are the state's.
+      family: the model's family (GaLore mask, matrix axes).
+      stages: the model in forward order, the last returning `task`'s loss (`family.stages(...)`).
+      task: the full-rank task; its parameters are the state's.
       mesh, key: as for `loop.joint_step_plan`.
-      pad_id: as for `train_step`.
     Raises:
       ValueError: see `check_config`.
     """
     check_config(config)
     c = config.optim
-    tx = optimizers.update_rule(c, c.name, optimizers.learning_rate_schedule(c, int(config.train.steps)))
+    tx = optimizers.update_rule(c, c.name, optimizers.learning_rate_schedule(c, int(config.train.steps)), family)
     boxed = jax.eval_shape(task.init_params, key)
     params = nn.unbox(boxed)
     projected = {tuple(str(k.key) for k in path)
-                 for path, chosen in jax.tree_util.tree_flatten_with_path(labels.llama_galore_mask(params))[0]
-                 if chosen}
+                 for path, chosen in jax.tree_util.tree_flatten_with_path(family.galore_mask(params))[0] if chosen}
     chunk = int(c.get("update_chunk", 0)) if c.name in ELEMENTWISE else 0
-    plan = update_plan(params, model.cfg.num_layers, chunk_values=chunk, block_size=int(c.block_size),
+    plan = update_plan(params, layer_groups(stages), chunk_values=chunk, block_size=int(c.block_size),
                        chunkable=lambda path, shape: path not in projected)
     init = init_fn(task.init_params, tx, plan)
-    param_shardings = mesh_lib.logical_shardings(boxed, mesh)
+    param_shardings = mesh_lib.logical_shardings(boxed, mesh, task.axis_rules)
     state_shardings = {}
     for piece in _pieces(plan):
         group_shardings = {k: param_shardings[k] for k in piece.group}
@@ -368,16 +359,8 @@ def step_plan(config, model: llama.Llama, task: loop.Task, mesh: Mesh, key: jax.
         else:
             leaf_sharding = _fit(_get(group_shardings, piece.leaf), _get(shapes, piece.leaf).shape)
             shardings = _nest(piece.leaf, leaf_sharding)
-        state_shardings[piece.name] = optimizer_state_shardings(tx, shapes, shardings, mesh=mesh)
-    shardings = loop.TrainState(mesh_lib.replicated(mesh), param_shardings, state_shardings)
-    step = train_step(model.cfg, tx, plan, clip_norm=float(c.clip_norm), pad_id=pad_id)
+        state_shardings[piece.name] = optim.optimizer_state_shardings(tx, shapes, shardings, mesh=mesh)
+    replicated = mesh_lib.replicated(mesh)
+    shardings = loop.TrainState(replicated, param_shardings, state_shardings, {}, replicated)
+    step = train_step(stages, tx, plan, clip_norm=float(c.clip_norm))
     return loop.StepPlan(init, jax.eval_shape(init, key), shardings, step)
-
-
-def configured_step_plan(config, model: llama.Llama, method: methods.Method, mesh: Mesh, key: jax.Array, *,
-                         pad_id: int | None = None) -> loop.StepPlan:
-    """The `loop.StepPlan` that `config.optim.update_schedule` selects for `method` ("joint" when
-    the field is absent): `step_plan` for "per_layer", `loop.joint_step_plan` otherwise."""
-    if config.optim.get("update_schedule", "joint") == "per_layer":
-        return step_plan(config, model, method.task, mesh, key, pad_id=pad_id)
-    return loop.joint_step_plan(method.task, method.tx, mesh, key)

@@ -20,7 +20,7 @@ def test_groups_of_llama_parameters():
                                      jax.random.key(0))["params"])
     groups = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        groups.setdefault(grad_rank.llama_group(tuple(path)), []).append(jax.tree_util.keystr(path))
+        groups.setdefault(llama.layer_kind(tuple(path)), []).append(jax.tree_util.keystr(path))
     assert len(groups["attention"]) == 8 and len(groups["mlp"]) == 6
     assert groups["embedding"] == ["['embed']['embedding']"] and groups["lm_head"] == ["['lm_head']['kernel']"]
     assert len(groups[None]) == 5  # 2 norms per layer + final norm
@@ -33,7 +33,7 @@ def test_group_means_match_numpy_float64():
     grads = {"layers_0": {"attn": {"q_proj": {"kernel": low}, "k_proj": {"kernel": full}},
                           "attn_norm": {"scale": np.ones(12)}},
              "embed": {"embedding": full.T}}
-    got = grad_rank.group_stable_ranks(jax.tree.map(jnp.asarray, grads))
+    got = grad_rank.group_stable_ranks(jax.tree.map(jnp.asarray, grads), llama.layer_kind)
     assert set(got) == {"attention", "embedding"}
     np.testing.assert_allclose(float(got["attention"]), (numpy_stable_rank(low) + numpy_stable_rank(full)) / 2,
                                rtol=1e-4)

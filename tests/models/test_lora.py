@@ -47,11 +47,12 @@ def _model_params(cfg=SMALL, boxed=False):
 
 
 def _lora_init(params, key, rank):
-    return jax.jit(functools.partial(lora.lora_init, rank=rank))(params, key)
+    return jax.jit(functools.partial(lora.lora_init, rank=rank, pattern=llama.GALORE_PATTERN))(params, key)
 
 
 def _lowrank_init(params, key, rank, init_std=0.02):
-    return jax.jit(functools.partial(lora.lowrank_init, rank=rank, init_std=init_std))(params, key)
+    init = functools.partial(lora.lowrank_init, rank=rank, init_std=init_std, pattern=llama.GALORE_PATTERN)
+    return jax.jit(init)(params, key)
 
 
 def _get(tree, path):
@@ -104,12 +105,12 @@ def test_lowrank_parameter_count_matches_closed_form(shape, rank):
 
     def init(key):
         params = nn.unbox(llama.Llama(cfg).init(key, jnp.zeros((1, 4), jnp.int32))["params"])
-        return lora.lowrank_init(params, key, rank=rank, init_std=cfg.init_std)
+        return lora.lowrank_init(params, key, rank=rank, init_std=cfg.init_std, pattern=llama.GALORE_PATTERN)
 
     counted = _count(jax.eval_shape(init, jax.random.key(0)))
     # By hand: embedding + per layer (q,k,v,o: r(d+d) each; gate, up, down: r(d+f) each; 2 norms) + norm + head.
     expected = v * d + n_layers * (4 * rank * (d + d) + 3 * rank * (d + f) + 2 * d) + d + d * v
-    assert counted == expected == lora.lowrank_param_count(cfg, rank)
+    assert counted == expected == llama.lowrank_param_count(cfg, rank)
 
 
 def test_lowrank_materialize_is_the_product_and_keeps_other_leaves():
@@ -154,12 +155,14 @@ def test_lowrank_gradients_follow_the_chain_rule():
 
 def test_boxed_factors_carry_the_kernel_axis_names():
     _, boxed = _model_params(boxed=True)
-    tree = jax.eval_shape(functools.partial(lora.lora_init, rank=4), boxed, jax.random.key(0))
+    tree = jax.eval_shape(functools.partial(lora.lora_init, rank=4, pattern=llama.GALORE_PATTERN), boxed,
+                          jax.random.key(0))
     node = tree["layers_0"]["mlp"]["down_proj"]["kernel"]
     assert tuple(node["lora_a"].names) == ("mlp", None)
     assert tuple(node["lora_b"].names) == (None, "embed")
     assert tuple(node["lora_base"].names) == ("mlp", "embed")
-    low = jax.eval_shape(functools.partial(lora.lowrank_init, rank=4, init_std=0.02), boxed, jax.random.key(0))
+    low = jax.eval_shape(functools.partial(lora.lowrank_init, rank=4, init_std=0.02, pattern=llama.GALORE_PATTERN),
+                         boxed, jax.random.key(0))
     assert tuple(low["layers_0"]["attn"]["q_proj"]["kernel"]["lowrank_a"].names) == ("embed", None)
     assert tuple(low["layers_0"]["attn"]["q_proj"]["kernel"]["lowrank_b"].names) == (None, "joined_kv")
 
@@ -178,8 +181,8 @@ def test_lora_parameter_count_matches_closed_form():
                     if lab == "trainable")
     assert _count(tree) == full + factors
     assert trainable == factors
-    assert lora.lora_param_count(SMALL, r, train_others=False) == (full + factors, factors)
-    assert lora.lora_param_count(SMALL, r)[1] == factors + v * d + n_layers * 2 * d + d + d * v
+    assert llama.lora_param_count(SMALL, r, train_others=False) == (full + factors, factors)
+    assert llama.lora_param_count(SMALL, r)[1] == factors + v * d + n_layers * 2 * d + d + d * v
 
 
 def test_lora_at_init_computes_exactly_the_base_model():
@@ -394,7 +397,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="rank=40 exceeds"):
         _lora_init(params, jax.random.key(0), 40)
     with pytest.raises(ValueError, match="rank must be a positive integer"):
-        lora.lowrank_init(params, jax.random.key(0), rank=0, init_std=0.02)
+        lora.lowrank_init(params, jax.random.key(0), rank=0, init_std=0.02, pattern=llama.GALORE_PATTERN)
     with pytest.raises(ValueError, match="matches no parameter path"):
         lora.lora_init(params, jax.random.key(0), rank=2, pattern=r"nothing/here")
     with pytest.raises(ValueError, match="only 2-D kernels"):
@@ -404,4 +407,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="restart_warmup_steps=30"):
         lora.jagged_cosine_schedule(1.0, 100, 10, reset_every=30, restart_warmup_steps=30)
     with pytest.raises(ValueError, match="rank=64 exceeds"):
-        lora.lowrank_param_count(SMALL, 64)
+        llama.lowrank_param_count(SMALL, 64)

@@ -88,7 +88,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     big = loop.LoopConfig(steps=1, batch_size=8)
     task = make_task(big, model)
     mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
-    init_state, _, _ = loop.state_layout(task.init_params, optax.sgd(0.1), mesh, jax.random.key(0))
+    init_state, _, _ = loop.state_layout(task, optax.sgd(0.1), mesh, jax.random.key(0))
     state = init_state(jax.random.key(0))
     step = jax.jit(loop.make_train_step(task.loss_fn, optax.sgd(0.1)))
     batch = task.train_batch(0)

@@ -33,7 +33,7 @@ def smoke_config(name):
 
 def make_method(name, loop_cfg):
     task = lm.make_lm_task(llama.Llama(CFG), TOKENS[:18_000], TOKENS[18_000:], loop_cfg, seq_len=16, eval_batches=2)
-    return methods.build_method(smoke_config(name), task)
+    return methods.build_method(smoke_config(name), task, llama.FAMILY)
 
 
 def quiet(_):
@@ -63,7 +63,7 @@ def test_every_optimizer_state_matrix_is_sharded_like_its_parameter(name):
     cfg = loop.LoopConfig(steps=STEPS, batch_size=8)
     method = make_method(name, cfg)
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    _, abstract, shardings = loop.state_layout(method.task.init_params, method.tx, mesh, jax.random.key(0))
+    _, abstract, shardings = loop.state_layout(method.task, method.tx, mesh, jax.random.key(0))
     state_leaves = jax.tree.leaves(abstract.opt_state)
     sharding_leaves = jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     assert len(sharding_leaves) == len(state_leaves)
@@ -80,7 +80,8 @@ def test_lora_starts_from_exactly_the_base_model():
     base_params = nn.unbox(full.task.init_params(key))
     lora_params = nn.unbox(low.task.init_params(key))
     batch = full.task.train_batch(0)
-    assert float(low.task.loss_fn(lora_params, batch)) == float(full.task.loss_fn(base_params, batch))
+    loss = lambda task, params: float(task.loss_fn(params, {}, batch, None)[0])  # noqa: E731
+    assert loss(low.task, lora_params) == loss(full.task, base_params)
     jax.tree.map(np.testing.assert_array_equal, low.export(lora_params), base_params)
 
 
@@ -115,4 +116,4 @@ def test_rank_larger_than_a_kernel_is_rejected_naming_it(name):
     task = lm.make_lm_task(llama.Llama(CFG), TOKENS[:18_000], TOKENS[18_000:], loop.LoopConfig(steps=6, batch_size=8),
                            seq_len=16, eval_batches=2)
     with pytest.raises(ValueError, match=r"optim.rank=33 exceeds min\(32, 32\)=32 of layers_0/attn/\w+_proj/kernel"):
-        methods.build_method(config, task)
+        methods.build_method(config, task, llama.FAMILY)

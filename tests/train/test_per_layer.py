@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import pretrain
-from lorank.train import lm, loop, mesh as mesh_lib, methods, per_layer
+from lorank.models import llama
+from lorank.train import lm, loop, mesh as mesh_lib, methods, per_layer, pretrain
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "llama.py"
 
@@ -40,11 +40,11 @@ def one_device():
 def plans(config, pad_id=None):
     """(joint plan, per-layer plan) of `config` on one device."""
     model = lm.build_llama(config)
-    task = dataclasses.replace(lm.shapes_task(model), loss_fn=lm.next_token_loss(model, pad_id))
-    method = methods.build_method(config, task)
+    task = dataclasses.replace(lm.shapes_task(model), loss_fn=loop.plain_loss(lm.next_token_loss(model, pad_id)))
+    method = methods.build_method(config, task, llama.FAMILY)
     key = jax.random.key(1)
     return (loop.joint_step_plan(method.task, method.tx, one_device(), key),
-            per_layer.step_plan(config, model, method.task, one_device(), key, pad_id=pad_id))
+            lm.step_plan(config, model, method, one_device(), key, pad_id=pad_id))
 
 
 @pytest.mark.parametrize("name, chunk, pad_id", [
@@ -97,9 +97,9 @@ def test_every_piece_state_matrix_is_sharded():
     """On a (2, 2, 2) mesh every optimizer-state matrix of every piece (row chunks included) is split."""
     config = smoke_config("galore8bit", chunk=4096)
     model = lm.build_llama(config)
-    method = methods.build_method(config, lm.shapes_task(model))
+    method = methods.build_method(config, lm.shapes_task(model), llama.FAMILY)
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    plan = per_layer.step_plan(config, model, method.task, mesh, jax.random.key(0))
+    plan = lm.step_plan(config, model, method, mesh, jax.random.key(0))
     leaves = jax.tree.leaves(plan.abstract_state.opt_state)
     shardings = jax.tree.leaves(plan.shardings.opt_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     assert len(leaves) == len(shardings) and any("[" in name for name in plan.abstract_state.opt_state)
@@ -169,7 +169,8 @@ def test_row_chunks_cover_the_rows_in_whole_quantization_blocks():
 def test_update_plan_and_piece_trees():
     params = {"embed": {"embedding": jnp.zeros((64, 32))}, "final_norm": {"scale": jnp.zeros(32)},
               "lm_head": {"kernel": jnp.zeros((32, 64))}, "layers_0": {"w": {"kernel": jnp.zeros((32, 32))}}}
-    plan = per_layer.update_plan(params, 1, chunk_values=1024, block_size=256,
+    groups = [("final_norm", "lm_head"), ("layers_0",), ("embed",)]
+    plan = per_layer.update_plan(params, groups, chunk_values=1024, block_size=256,
                                  chunkable=lambda path, shape: path[0] != "layers_0")
     names = [[p.name for p in pieces] for pieces in plan]
     assert names == [["final_norm+lm_head", "lm_head/kernel[0:16]", "lm_head/kernel[16:32]"], ["layers_0"],
@@ -181,4 +182,6 @@ def test_update_plan_and_piece_trees():
 
 
 def test_layer_groups_follow_the_backward_pass():
-    assert per_layer.layer_groups(2) == [("final_norm", "lm_head"), ("layers_1",), ("layers_0",), ("embed",)]
+    cfg = lm.build_llama(smoke_config()).cfg
+    stages = llama.per_layer_stages(cfg, inputs_of=lambda b: b, loss_of=lambda logits, b: logits)
+    assert per_layer.layer_groups(stages) == [("final_norm", "lm_head"), ("layers_1",), ("layers_0",), ("embed",)]

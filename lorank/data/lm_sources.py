@@ -1,0 +1,88 @@
+"""Where a language model's tokens come from, chosen by a `data` config section.
+
+    data.source = "text"   data.corpus files (default: the embedded Tiny Shakespeare), split
+                           into train / validation by data.val_fraction; random windows
+    data.source = "tfds"   the dataset data.tfds_name prepared in data.tfds_data_dir, documents
+                           padded or packed per data.mode (`lorank.data.tfds_text`)
+
+`load_tokenizer` and `load_lm_data` check what they are given (an empty tokenizer,
+a tokenizer larger than the model's vocabulary, an unknown source, a missing file or
+an unprepared dataset, each named) before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from lorank.data import text, tfds_text, tokenizers
+
+SOURCES = ("text", "tfds")
+
+
+def load_tokenizer(data_config, vocab_size: int):
+    """The tokenizer of `data.tokenizer` ("byte" or a SentencePiece model path), checked against the model.
+
+    Raises:
+      ValueError: an empty `data.tokenizer`, or more tokens than `vocab_size`.
+      FileNotFoundError: a SentencePiece model file that does not exist (named).
+    """
+    if not data_config.tokenizer:
+        raise ValueError("data.tokenizer is empty: pass --config.data.tokenizer=byte or the path of a "
+                         "SentencePiece .model file (the GaLore paper used the T5 tokenizer's spiece.model)")
+    tokenizer = tokenizers.make_tokenizer(data_config.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the {tokenizer.vocab_size} tokens of "
+                         f"data.tokenizer={data_config.tokenizer!r}")
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LMData:
+    """Training batches and validation sequences of a language model.
+
+    Attributes:
+      train_batch: (step, rows) -> int32 [len(rows), seq_len + 1], a pure function of the step.
+      val: int32 [M, seq_len + 1] validation sequences.
+      pad_id: targets the loss leaves out (padded documents), or None.
+      description: one line for the run's log.
+    """
+
+    train_batch: Callable[[int, np.ndarray | None], np.ndarray]
+    val: np.ndarray
+    pad_id: int | None
+    description: str
+
+
+def load_lm_data(data_config, tokenizer, *, batch_size: int, num_val: int) -> LMData:
+    """The data of `data_config` (the `data` section): `batch_size` sequences per step and at
+    most `num_val` validation sequences (tfds; the text source keeps every validation window).
+
+    Raises:
+      ValueError: an unknown `data.source`, or data too short for one batch.
+      FileNotFoundError: a missing corpus file or an unprepared tfds dataset (named).
+    """
+    d = data_config
+    if d.source not in SOURCES:
+        raise ValueError(f"unknown data.source={d.source!r}; expected one of {SOURCES}")
+    if d.source == "text":
+        tokens = tokenizer.encode(text.read_corpus(d.corpus))
+        train_tokens, val_tokens = text.train_val_split(tokens, d.val_fraction)
+        sampler = text.SequenceSampler(train_tokens, d.seq_len, batch_size, seed=d.seed)
+        return LMData(sampler.batch, text.eval_sequences(val_tokens, d.seq_len), None,
+                      f"{len(train_tokens):,} train / {len(val_tokens):,} validation tokens")
+
+    def sequences(split, seed):
+        return tfds_text.tfds_text_sequences(d.tfds_name, split, d.tfds_data_dir, tokenizer, d.seq_len,
+                                             mode=d.mode, seed=seed)
+
+    if d.mode == "pad":
+        train_batch = tfds_text.batch_fn(sequences(d.tfds_train_split, d.seed), batch_size)
+        pad_id = tfds_text.resolve_pad_id(tokenizer, None)
+    else:
+        train_batch = tfds_text.sequential_batch_fn(lambda: iter(sequences(d.tfds_train_split, d.seed)), batch_size)
+        pad_id = None
+    val = tfds_text.first_sequences(sequences(d.tfds_eval_split, 0), num_val)
+    return LMData(train_batch, val, pad_id, f"tfds {d.tfds_name} ({d.mode} mode) in {d.tfds_data_dir}")
