@@ -13,10 +13,11 @@ set to the method, in workdir/METHOD/lr_PEAK (a rerun reuses finished runs and
 resumes unfinished ones).
 """
 
-import importlib.util
 import pathlib
 
 from ml_collections import ConfigDict
+
+from lorank import config_files
 
 # variant -> experiment module that runs it; the tests run every smoke variant.
 SMOKE_VARIANTS = {"smoke": "experiments.bench_pretrain"}
@@ -26,11 +27,7 @@ TUNED_PEAK_LRS = {"adamw": 1.25e-3, "galore": 4e-2, "lowrank": 1.25e-3, "lora": 
 
 
 def _llama(variant: str) -> ConfigDict:
-    path = pathlib.Path(__file__).resolve().with_name("llama.py")
-    spec = importlib.util.spec_from_file_location("configs_llama", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_files.load(pathlib.Path(__file__).resolve().with_name("llama.py"), variant)
 
 
 def _base() -> ConfigDict:

@@ -28,7 +28,6 @@ the `memory` section of docs/benchmarks.md and docs/bench_results/memory.json.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from experiments import benchlib, cli
+from lorank import config_files
 from lorank.models import llama
 from lorank.optim import quantize
 from lorank.train import lm, loop, methods, optimizers
@@ -153,17 +153,6 @@ def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dic
 # --------------------------------------------------------------------------- compiled step
 
 
-def load_config_file(path: str, variant: str):
-    """`get_config(variant)` of the config file at `path` (relative to the repository root)."""
-    full = (REPO / path) if not pathlib.Path(path).is_absolute() else pathlib.Path(path)
-    if not full.exists():
-        raise FileNotFoundError(f"config file {full} not found")
-    spec = importlib.util.spec_from_file_location(f"memory_configs_{full.stem}", full)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def size_config(config, size: str, method: str, update: str):
     """The training config of `size` (a variant of `config.model_config`) for `method` and `update`.
 
@@ -174,7 +163,7 @@ def size_config(config, size: str, method: str, update: str):
         raise ValueError(f"unknown update option {update!r}; expected one of {UPDATES}")
     if method not in methods.METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {methods.METHODS}")
-    c = load_config_file(config.model_config, size)
+    c = config_files.load(config.model_config, size)
     c.model.dtype = c.model.param_dtype = config.dtype
     c.model.remat = config.remat
     c.data.seq_len = int(config.seq_len)
@@ -351,7 +340,7 @@ def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD) -> None:
 
 def command_line(config, variant: str = "paper") -> str:
     """The command that measures `config`: the variant plus every field that differs from it."""
-    base = load_config_file("configs/memory.py", variant)
+    base = config_files.load("configs/memory.py", variant)
     parts = [f"python -m experiments.memory --config configs/memory.py:{variant}"]
     for field in ("sizes", "methods", "updates", "dtype", "remat", "batch_size", "seq_len", "update_chunk",
                   "xla_scheduler", "compile"):
@@ -375,7 +364,7 @@ def check_config(config) -> None:
     compiler_options(config.xla_scheduler)
     for size in config.sizes:
         try:
-            load_config_file(config.model_config, size)
+            config_files.load(config.model_config, size)
         except ValueError as err:
             raise ValueError(f"unknown size {size!r}: {err}") from None
 

@@ -1,21 +1,18 @@
 """The small-scale reproduction's bookkeeping: learning rates per method, the ordering checks."""
 
-import importlib.util
 import pathlib
 
 import pytest
 from ml_collections import ConfigDict
 
 from experiments import bench_pretrain
+from lorank import config_files
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "bench_pretrain.py"
 
 
 def config(variant):
-    spec = importlib.util.spec_from_file_location("bench_pretrain_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_files.load(CONFIG, variant)
 
 
 def test_base_lrs_take_tuned_rates_and_fall_back_to_the_pretraining_config():

@@ -2,24 +2,20 @@
 
 import ast
 import importlib
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from lorank import config_files
 from lorank.data.images import cifar10_archive
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
 
 
-def load(path):
-    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = config_files.load_module
 
 
 def smoke_runs():

@@ -1,7 +1,6 @@
 """The memory experiment: closed forms against hand counts and eval_shape, the per-leaf clipping
 switch against NumPy, and the smoke run (the per-layer step: tests/train/test_per_layer.py)."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import memory
+from lorank import config_files
 from lorank.models import llama
 from lorank.train import lm, methods, optimizers
 
@@ -20,10 +20,7 @@ PAPER_METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore_adafactor
 
 
 def memory_config(variant="smoke"):
-    spec = importlib.util.spec_from_file_location("memory_config", REPO / "configs" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_files.load(REPO / "configs" / "memory.py", variant)
 
 
 def shapes(size):

@@ -1,6 +1,5 @@
 """The main job end to end on the smoke config: outputs, sampling, resume, bad input."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,16 +11,14 @@ import numpy as np
 import pytest
 
 from experiments import sample
+from lorank import config_files
 from lorank.train import checkpoints, loop, pretrain
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "llama.py"
 
 
 def smoke_config():
-    spec = importlib.util.spec_from_file_location("llama_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
+    return config_files.load(CONFIG, "smoke")
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +146,11 @@ def test_bad_method_settings_are_rejected_before_anything_is_written(tmp_path, f
 
 
 def test_paper_configs_have_the_reference_shapes_and_recipe():
-    spec = importlib.util.spec_from_file_location("llama_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     reference = {"60m": (512, 1376, 8, 8, 10_000, 128), "130m": (768, 2048, 12, 12, 20_000, 256),
                  "350m": (1024, 2736, 16, 24, 60_000, 256), "1b": (2048, 5461, 32, 24, 100_000, 512),
                  "7b": (4096, 11008, 32, 32, 150_000, 1024)}
     for size, (d, f, heads, layers, steps, rank) in reference.items():
-        c = module.get_config(size)
+        c = config_files.load(CONFIG, size)
         m, o = c.model, c.optim
         assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers) == (d, f, heads, layers)
         assert (m.vocab_size, c.data.seq_len, c.train.batch_size, c.train.steps) == (32000, 256, 512, steps)

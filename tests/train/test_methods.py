@@ -1,13 +1,11 @@
 """Every training method: it learns, 8 devices equal 1, every state leaf is laid out, sizes, errors."""
 
-import importlib.util
-import pathlib
-
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+from lorank import config_files
 from lorank.models import llama
 from lorank.train import lm, loop, mesh as mesh_lib, methods
 
@@ -17,11 +15,7 @@ STEPS = 6
 
 
 def smoke_config(name):
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "llama.py"
-    spec = importlib.util.spec_from_file_location("llama_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = config_files.load("configs/llama.py", "smoke")
     config.optim.name = name
     config.optim.rank = 4
     config.optim.update_proj_gap = 3  # GaLore refreshes its projections at steps 0 and 3

@@ -2,7 +2,6 @@
 in the pretraining experiment on 8 devices and across a resume; its plan; its errors."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lorank import config_files
 from lorank.models import llama
 from lorank.train import lm, loop, mesh as mesh_lib, methods, per_layer, pretrain
 
@@ -19,10 +19,7 @@ CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "llama.py"
 
 
 def smoke_config(name="adamw", chunk=0, schedule="per_layer"):
-    spec = importlib.util.spec_from_file_location("llama_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = config_files.load(CONFIG, "smoke")
     config.analysis.grad_rank = False
     config.optim.name = name
     config.optim.warmup_steps = 0
