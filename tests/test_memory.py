@@ -108,7 +108,7 @@ def test_per_leaf_clipping_keeps_dtype_and_global_is_the_default():
 
 
 def test_unknown_clip_scope_is_an_error():
-    with pytest.raises(ValueError, match="clip_scope='layer'"):
+    with pytest.raises(ValueError, match=r"optim.clip_scope must be one of \('global', 'per_leaf'\), got 'layer'"):
         optimizers.with_clipping(clip_config("layer"), optax.identity())
 
 

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lorank import checks
+
 EMBEDDED_CORPUS = "tinyshakespeare.txt"
 
 
@@ -68,8 +70,7 @@ def read_corpus(paths: Sequence[str] | str | None = None) -> bytes:
 
 def train_val_split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """First (1 - val_fraction) of the tokens for training, the rest for validation."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    checks.number("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     cut = int(round(len(tokens) * (1.0 - val_fraction)))
     return tokens[:cut], tokens[cut:]
 
@@ -90,8 +91,8 @@ class SequenceSampler:
     seed: int = 0
 
     def __post_init__(self):
-        if self.seq_len <= 0 or self.batch_size <= 0:
-            raise ValueError(f"seq_len={self.seq_len} and batch_size={self.batch_size} must be positive")
+        checks.integer("seq_len", self.seq_len, minimum=1)
+        checks.integer("batch_size", self.batch_size, minimum=1)
         if self.windows_per_epoch < self.batch_size:
             raise ValueError(
                 f"{len(self.tokens)} tokens give {self.windows_per_epoch} windows of {self.seq_len + 1} tokens, "

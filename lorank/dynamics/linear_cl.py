@@ -132,7 +132,7 @@ def simulate_seeds(key: jax.Array, dims: Sequence[int], x_alpha: jax.Array, num_
                           int(num_saves), float(rtol), float(atol), solver)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(2, 4, 7))  # dims, num_saves, solver; t1 and tolerances traced
 def _simulate_keys(keys, x_alpha, dims, t1, num_saves, rtol, atol, solver) -> Trajectory:
     def one(k):
         return simulate(init_weights(k, dims), x_alpha, t1, num_saves=num_saves, rtol=rtol,

@@ -142,7 +142,7 @@ def train(params: Params, x: jax.Array, y: jax.Array, *, lr: float, steps: int,
     return _train(params, x, y, float(lr), int(steps), act, loss, float(slope))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))  # steps, act, loss; lr and slope traced
 def _train(params, x, y, lr, steps, act, loss, slope):
     def step(p, _):
         value, grads = jax.value_and_grad(loss_fn)(p, x, y, act, loss, slope)
@@ -173,7 +173,7 @@ def reversible_form(params: Params, x: jax.Array, y: jax.Array, layer: int, act:
     return _reversible_form(tuple(params), x, y, int(layer), act, float(slope))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(3, 4))  # layer, act; slope traced
 def _reversible_form(params, x, y, layer, act, slope):
     h = _act(act, slope)
     f = x
@@ -386,7 +386,7 @@ def projected_sgd(w0: jax.Array, prob: LsqProblem, *, rank: int, lr: float, step
     return _projected_sgd(w0, prob, int(rank), float(lr), int(steps), int(update_proj_gap))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(2, 4, 5))  # rank, steps, gap; lr traced
 def _projected_sgd(w0, prob, rank, lr, steps, gap):
     def record(w, p):
         g = lsq_grad(w, prob)

@@ -294,7 +294,8 @@ def simulate(w0: jax.Array, data: Views, act: str | Activation, t1: float, *,
                      float(pcoeff), float(icoeff), chunk_size)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(2, 11)))
+# act, num_saves, solver and chunk_size fix the program; the horizon, tolerances and gains are traced.
+@functools.partial(jax.jit, static_argnums=(2, 4, 7, 10))
 def _simulate(w0, data, act, t1, num_saves, rtol, atol, solver, pcoeff, icoeff,
               chunk_size) -> Trajectory:
     ts = jnp.linspace(0.0, t1, num_saves)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorank import checks
+
 SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "euler": diffrax.Euler,  # order 1, fixed steps only
     "heun": diffrax.Heun,  # order 2
@@ -97,16 +99,17 @@ def solve(
     Returns:
       A `Trajectory` with `ts` [T], `ys` (leading axis T) and `num_steps`.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    checks.one_of("solver", solver, tuple(SOLVERS))
     if adaptive and solver == "euler":
         raise ValueError("solver 'euler' has no error estimate: use adaptive=False with a dt0")
-    if adaptive and not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol={rtol} and atol={atol} must be positive")
-    if not adaptive and (dt0 is None or (not isinstance(dt0, jax.core.Tracer) and not dt0 > 0)):
-        raise ValueError(f"fixed-step solves need a positive dt0, got dt0={dt0}")
-    if max_steps < 1:
-        raise ValueError(f"max_steps={max_steps} must be >= 1")
+    if adaptive:
+        checks.number("rtol", rtol, low=0.0, low_open=True)
+        checks.number("atol", atol, low=0.0, low_open=True)
+    elif dt0 is None:
+        raise ValueError("fixed-step solves need a positive dt0, got dt0=None")
+    else:
+        checks.number("dt0", dt0, low=0.0, low_open=True)
+    checks.integer("max_steps", max_steps, minimum=1)
     _check_times(t0, t1, ts)
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=pcoeff, icoeff=icoeff)

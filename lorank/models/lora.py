@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lorank import checks
+
 LOWRANK_KEYS = ("lowrank_a", "lowrank_b")
 LORA_KEYS = ("lora_base", "lora_a", "lora_b")
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -108,8 +110,7 @@ def _unboxed(leaf: Any, path: str) -> tuple[jax.Array, Callable[[jax.Array, tupl
 
 
 def _check_rank(rank: Any, shape: tuple[int, int], path: str) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    checks.integer("rank", rank, minimum=1)
     if rank > min(shape):
         raise ValueError(f"rank={rank} exceeds min{tuple(shape)}={min(shape)} of {path}")
 
@@ -145,8 +146,7 @@ def lowrank_init(params: Any, key: jax.Array, *, rank: int, init_std: float, pat
     Returns:
       The tree with the selected leaves replaced by factor dicts.
     """
-    if not init_std > 0:
-        raise ValueError(f"init_std must be positive, got {init_std!r}")
+    checks.number("init_std", init_std, low=0.0, low_open=True)
 
     def factor(path, leaf, i):
         value, rebox = _unboxed(leaf, path)
@@ -166,9 +166,7 @@ def lowrank_init(params: Any, key: jax.Array, *, rank: int, init_std: float, pat
 
 def lora_scale(alpha: float, rank: int) -> float:
     """The LoRA multiplier alpha / r."""
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    return float(alpha) / rank
+    return checks.number("alpha", alpha) / checks.integer("rank", rank, minimum=1)
 
 
 def _lora_a(key: jax.Array, m: int, rank: int, dtype) -> jax.Array:
@@ -323,8 +321,7 @@ def prune_opt_state(opt_state: Any, params_mask: Any, keep_fraction: float) -> A
         leaves may be Python bools or arrays (shapes are taken from the state leaf).
       keep_fraction: in [0, 1]; ReLoRA uses 0.01 (prune 99%).
     """
-    if not 0.0 <= keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction!r}")
+    checks.number("keep_fraction", keep_fraction, low=0.0, high=1.0)
     masked = {tuple(_key_str(k) for k in path)
               for path, flag in jax.tree_util.tree_flatten_with_path(params_mask)[0] if bool(flag)}
 
@@ -350,14 +347,12 @@ def jagged_cosine_schedule(peak_value: float, total_steps: int, warmup_steps: in
     """
     for name, value in (("total_steps", total_steps), ("reset_every", reset_every),
                         ("restart_warmup_steps", restart_warmup_steps)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps})")
+        checks.integer(name, value, minimum=1)
+    checks.integer("warmup_steps", warmup_steps, minimum=0, maximum=total_steps - 1)
     if restart_warmup_steps >= reset_every:
         raise ValueError(f"restart_warmup_steps={restart_warmup_steps} must be below reset_every={reset_every}")
-    if not peak_value > 0 or end_value < 0:
-        raise ValueError(f"need peak_value > 0 and end_value >= 0, got {peak_value!r}, {end_value!r}")
+    checks.number("peak_value", peak_value, low=0.0, low_open=True)
+    checks.number("end_value", end_value, low=0.0)
     envelope = optax.warmup_cosine_decay_schedule(0.0, peak_value, warmup_steps, total_steps, end_value)
 
     def schedule(count):
@@ -384,10 +379,8 @@ def relora(tx: optax.GradientTransformation, *, reset_every: int, scale: float, 
     Wrap the frozen-base optimizer: `relora(freeze_base(adamw), ...)`; the base
     changes only through merges. Needs `params` in `update`.
     """
-    if not isinstance(reset_every, int) or reset_every <= 0:
-        raise ValueError(f"reset_every must be a positive integer, got {reset_every!r}")
-    if not 0.0 <= keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction!r}")
+    checks.integer("reset_every", reset_every, minimum=1)
+    checks.number("keep_fraction", keep_fraction, low=0.0, high=1.0)
 
     def init(params):
         return ReloraState(jnp.zeros([], jnp.int32), tx.init(params))

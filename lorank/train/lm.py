@@ -17,6 +17,7 @@ import optax
 
 from jax.sharding import Mesh
 
+from lorank import checks
 from lorank.analysis import grad_rank
 from lorank.data import text
 from lorank.models import llama
@@ -149,8 +150,7 @@ def generate(model: nn.Module, params, prompt: np.ndarray, length: int, *, key: 
     max_len = model.cfg.max_len
     if len(prompt) == 0:
         raise ValueError("the prompt must hold at least one token")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    checks.number("temperature", temperature, low=0.0)
     window = min(max_len, len(prompt) + length)
 
     @jax.jit

@@ -50,7 +50,7 @@ import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from lorank import optim
+from lorank import checks, optim
 from lorank.train import checkpoints
 from lorank.train import mesh as mesh_lib
 
@@ -167,14 +167,12 @@ class LoopConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+            checks.integer(f"train.{name}", getattr(self, name), minimum=1)
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r} is not one of {NONFINITE_POLICIES}")
+        checks.one_of("train.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        checks.integer("train.seed", self.seed, minimum=0)
 
     @classmethod
     def from_config(cls, train_config) -> "LoopConfig":
@@ -501,8 +499,8 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
       checkpoints.NoIntactCheckpoint: the workdir holds checkpoints and none is intact.
     """
     check_batch_divides_mesh(loop, mesh)
-    if stop_at is not None and stop_at <= 0:
-        raise ValueError(f"stop_at must be positive, got {stop_at}")
+    if stop_at is not None:
+        checks.integer("stop_at", stop_at, minimum=1)
     primary = is_primary()
     say = log if primary else (lambda _: None)
     if config is not None:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import optax
 
+from lorank import checks
 from lorank.models import lora
 from lorank.models.family import ModelFamily
 from lorank.optim import labels, quantize
@@ -78,9 +79,7 @@ def check_method(optim_config, params: Any, family: ModelFamily) -> None:
         raise ValueError(f"unknown optim.name={name!r}; expected one of {METHODS}")
     if name not in RANKED:
         return
-    rank = optim_config.rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"optim.rank must be a positive integer, got {rank!r}")
+    rank = checks.integer("optim.rank", optim_config.rank, minimum=1)
     plain = nn.unbox(params)
     selected = family.galore_mask(plain)
     for (path, leaf), chosen in zip(jax.tree_util.tree_flatten_with_path(plain)[0], jax.tree.leaves(selected)):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lorank import optim
+from lorank import checks, optim
 from lorank.models.family import ModelFamily
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit", "galore_adafactor")
@@ -31,14 +31,10 @@ def learning_rate_schedule(optim_config, total_steps: int, lr: float | None = No
 
     `lr` defaults to `peak_lr(optim_config)`.
     """
-    lr = peak_lr(optim_config) if lr is None else float(lr)
-    warmup = int(optim_config.warmup_steps)
-    if lr <= 0:
-        raise ValueError(f"the peak learning rate must be positive, got {lr} (optim.lr / optim.galore_lr)")
-    if not 0 <= warmup < total_steps:
-        raise ValueError(f"optim.warmup_steps={warmup} must lie in [0, train.steps={total_steps})")
-    if not 0.0 <= optim_config.min_lr_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {optim_config.min_lr_ratio}")
+    lr = checks.number("the peak learning rate (optim.lr / optim.galore_lr)",
+                       peak_lr(optim_config) if lr is None else lr, low=0.0, low_open=True)
+    warmup = checks.integer("optim.warmup_steps", optim_config.warmup_steps, minimum=0, maximum=total_steps - 1)
+    checks.number("optim.min_lr_ratio", optim_config.min_lr_ratio, low=0.0, high=1.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
         end_value=lr * float(optim_config.min_lr_ratio))
@@ -99,13 +95,8 @@ def with_clipping(optim_config, tx: optax.GradientTransformation) -> optax.Gradi
     `clip_by_leaf_norm`, each leaf by its own norm, as the GaLore paper's per-layer update
     needs (see docs/memory.md).
     """
-    clip = optim_config.clip_norm
-    scope = optim_config.get("clip_scope", "global")
-    scopes = ("global", "per_leaf")
-    if clip < 0:
-        raise ValueError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {clip}")
-    if scope not in scopes:
-        raise ValueError(f"unknown optim.clip_scope={scope!r}; expected one of {scopes}")
+    clip = checks.number("optim.clip_norm (0 disables clipping)", optim_config.clip_norm, low=0.0)
+    scope = checks.one_of("optim.clip_scope", optim_config.get("clip_scope", "global"), ("global", "per_leaf"))
     if not clip:
         return tx
     clipping = optax.clip_by_global_norm(clip) if scope == "global" else clip_by_leaf_norm(clip)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lorank import optim
+from lorank import checks, optim
 from lorank.models.family import ModelFamily, Stage
 from lorank.optim import quantize
 from lorank.train import loop, methods, optimizers
@@ -301,8 +301,8 @@ def check_config(config) -> None:
         raise ValueError(f"optim.update_schedule='per_layer' clips each leaf by its own norm; "
                          f"optim.clip_scope={c.get('clip_scope', 'global')!r} must be 'per_leaf' "
                          f"(or optim.clip_norm=0)")
-    chunk = c.get("update_chunk", 0)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0 or 0 < chunk < quantize.MIN_SIZE:
+    chunk = checks.integer("optim.update_chunk", c.get("update_chunk", 0), minimum=0)
+    if 0 < chunk < quantize.MIN_SIZE:
         raise ValueError(f"optim.update_chunk={chunk!r} must be 0 (whole leaves) or an integer of at least "
                          f"{quantize.MIN_SIZE} values (smaller chunks would keep 8-bit moments unquantized)")
 

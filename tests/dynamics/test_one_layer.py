@@ -177,7 +177,9 @@ def test_field_batched_equals_vmapped_field(act, uniform):
 @pytest.mark.parametrize("act", ["linear", "relu"])
 def test_simulate_in_chunks_matches_one_vmapped_solve_and_the_plain_field(act):
     """Chunked solves (a padded last chunk), the batched field for uniform alpha, and
-    `field` itself with the same alpha as a matrix give the same trajectories."""
+    `field` itself with the same alpha as a matrix give the same trajectories. (Each
+    evaluates the field with its own float reduction order; at ReLU's kinks such
+    differences grow to about 100 rtol, so the solve is tight.)"""
     rng = np.random.default_rng(7)
     with jax.enable_x64(True):
         centers = synthetic.simplex_centers(jax.random.key(3), 4, 6)
@@ -185,12 +187,12 @@ def test_simulate_in_chunks_matches_one_vmapped_solve_and_the_plain_field(act):
         data = one_layer.Views(x, x_prime, None)
         dense = one_layer.Views(data.x, data.x_prime, jnp.full((60, 60), 1.0 / (60 * 59)))
         w0 = jnp.asarray(rng.normal(size=(11, 6)))
-        kw = dict(num_saves=5, rtol=1e-9, atol=1e-11, solver="dopri5", pcoeff=0.2, icoeff=0.3)
+        kw = dict(num_saves=5, rtol=1e-11, atol=1e-13, solver="dopri5", pcoeff=0.2, icoeff=0.3)
         whole = one_layer.simulate(w0, data, act, 20.0, chunk_size=None, **kw)
         chunked = one_layer.simulate(w0, data, act, 20.0, chunk_size=4, **kw)
         plain = one_layer.simulate(w0, dense, act, 20.0, chunk_size=None, **kw)
     assert chunked.ys.shape == (11, 5, 6) and chunked.ts.shape == (5,)
     assert chunked.num_steps.shape == chunked.num_rejected.shape == (11,)
-    np.testing.assert_allclose(chunked.ys, whole.ys, atol=1e-7)
-    np.testing.assert_allclose(plain.ys, whole.ys, atol=1e-7)
+    np.testing.assert_allclose(chunked.ys, whole.ys, atol=2e-8)
+    np.testing.assert_allclose(plain.ys, whole.ys, atol=2e-8)
     np.testing.assert_allclose(np.linalg.norm(whole.ys[:, -1], axis=1), 1.0, atol=1e-6)

@@ -73,12 +73,13 @@ def test_pytree_state():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(t1=0.0), "t1=0.0 must be greater"),
-    (dict(t1=1.0, solver="rk4"), "unknown solver 'rk4'"),
+    (dict(t1=1.0, solver="rk4"), "solver must be one of .* got 'rk4'"),
     (dict(t1=1.0, solver="euler"), "no error estimate"),
-    (dict(t1=1.0, rtol=-1e-3), "rtol=-0.001"),
+    (dict(t1=1.0, rtol=-1e-3), r"rtol must be a finite number > 0, got -0.001"),
     (dict(t1=1.0, adaptive=False), "positive dt0"),
     (dict(t1=1.0, ts=[0.0, 2.0]), r"ts must lie in \[t0, t1\]"),
     (dict(t1=1.0, ts=[0.5, 0.2]), "non-decreasing"),
+    (dict(t1=1.0, max_steps=0), "max_steps must be an integer >= 1, got 0"),
 ])
 def test_bad_input_is_rejected_before_compute(kwargs, match):
     t1 = kwargs.pop("t1")

@@ -396,7 +396,7 @@ def test_bad_inputs_raise_clear_errors():
     _, params = _model_params()
     with pytest.raises(ValueError, match="rank=40 exceeds"):
         _lora_init(params, jax.random.key(0), 40)
-    with pytest.raises(ValueError, match="rank must be a positive integer"):
+    with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
         lora.lowrank_init(params, jax.random.key(0), rank=0, init_std=0.02, pattern=llama.GALORE_PATTERN)
     with pytest.raises(ValueError, match="matches no parameter path"):
         lora.lora_init(params, jax.random.key(0), rank=2, pattern=r"nothing/here")

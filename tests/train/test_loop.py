@@ -109,7 +109,7 @@ def test_batch_not_divisible_by_data_parallel_size_is_rejected_before_compute(tm
 @pytest.mark.parametrize("field, value", [("steps", 0), ("steps", -5), ("batch_size", 0), ("grad_accum", 0)])
 def test_non_positive_counts_are_rejected(field, value):
     kwargs = {"steps": 10, "batch_size": 8, field: value}
-    with pytest.raises(ValueError, match=f"train.{field} must be a positive integer, got {value}"):
+    with pytest.raises(ValueError, match=f"train.{field} must be an integer >= 1, got {value}"):
         loop.LoopConfig(**kwargs)
 
 
