@@ -1,8 +1,12 @@
 """Every training method: it learns, 8 devices equal 1, every state leaf is laid out, sizes, errors."""
 
+import functools
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lorank import config_files
@@ -111,3 +115,43 @@ def test_rank_larger_than_a_kernel_is_rejected_naming_it(name):
                            seq_len=16, eval_batches=2)
     with pytest.raises(ValueError, match=r"optim.rank=33 exceeds min\(32, 32\)=32 of layers_0/attn/\w+_proj/kernel"):
         methods.build_method(config, task, llama.FAMILY)
+
+
+def quadratic_task():
+    """A task on a small LLaMA-shaped parameter tree (two projected kernels, an embedding, a norm)
+    with a quadratic loss: cheap to compile, and every method's optimizer sees its usual leaves."""
+    shapes = {"layers_0": {"attn": {"q_proj": {"kernel": (16, 12)}}, "mlp": {"down_proj": {"kernel": (12, 16)}},
+                           "attn_norm": {"scale": (16,)}},
+              "embed": {"embedding": (8, 16)}}
+
+    def init_params(key):
+        leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+        keys = jax.random.split(key, len(leaves))
+        return treedef.unflatten([jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+    def loss(params, batch):
+        return sum(jnp.sum((p - batch) ** 2) for p in jax.tree.leaves(params))
+
+    return loop.Task(init_params=init_params, loss_fn=loop.plain_loss(loss), train_batch=lambda step, rows=None: step)
+
+
+@pytest.mark.parametrize("name", methods.METHODS)
+def test_eagerly_initialised_optimizer_state_can_be_donated(name):
+    """Every method's optax chain (ReLoRA's merge wrapper, LoRA's frozen base, per-leaf and global
+    clipping included) initialised eagerly, then two jitted steps with parameters and state donated."""
+    config = smoke_config(name)
+    config.optim.clip_scope = "per_leaf" if name in ("adamw", "galore8bit") else "global"
+    config.optim.block_size = 32
+    method = methods.build_method(config, quadratic_task(), llama.FAMILY)
+    params = nn.unbox(method.task.init_params(jax.random.key(0)))
+    state = method.tx.init(params)
+    loss = lambda p, b: method.task.loss_fn(p, {}, b, None)[0]  # noqa: E731
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, batch):
+        updates, state = method.tx.update(jax.grad(loss)(params, batch), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for s in range(4):  # GaLore refreshes at step 3, ReLoRA merges after it
+        params, state = step(params, state, jnp.float32(0.1 * s))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
