@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 
 # jaxlib's CPU SVD and QR call LAPACK from scipy's OpenBLAS. Its worker threads compete with XLA's
-# for the cores: on a busy 2-core machine a 128 x 128 SVD went from 3 ms to 0.75 s. One thread each.
+# for the cores, and on a busy 2-core machine small SVDs slow down by orders of magnitude. One thread each.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402

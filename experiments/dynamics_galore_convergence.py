@@ -27,7 +27,6 @@ from lorank.analysis import plots
 from lorank.dynamics import low_rank_grad as lrg
 from lorank.optim.galore import scale_by_galore
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXED = 2**30  # a refresh interval longer than any run: the projection never changes
 
 
