@@ -63,7 +63,8 @@ def _base() -> ConfigDict:
     c.train.eval_batches = 8  # validation batches per evaluation
     c.train.checkpoint_every = 100  # steps between orbax checkpoints
     c.train.keep_checkpoints = 2  # newest checkpoints kept on disk
-    c.train.seed = 0  # parameter initialization seed
+    c.train.seed = 0  # parameter initialization seed (and of per-step keys)
+    c.train.on_nonfinite = "stop"  # a non-finite loss or gradient: "stop" the run naming the step, or "skip" it
 
     c.optim = ConfigDict()
     c.optim.name = "adamw"  # method: adamw adamw8bit sgd galore galore8bit galore_adafactor lowrank lora relora
