@@ -39,7 +39,7 @@ def _base() -> ConfigDict:
     c.variant = "bench"  # this variant's name, for the command line written to the docs
     c.section = "bench_pretrain"  # section of docs/benchmarks.md and name of the figure
     c.write_docs = True  # rewrite that section of docs/benchmarks.md and its figure
-    c.pretrain = _llama("tiny")  # the shared pretraining config (configs/llama.py fields)
+    c.pretrain = _llama("d192")  # the shared pretraining config (configs/llama.py fields)
     return c
 
 

@@ -154,6 +154,29 @@ def lora_param_count(cfg: LlamaConfig, rank: int, *, train_others: bool = True) 
     return param_count(cfg) + factors, factors + (others if train_others else 0)
 
 
+def matmul_param_count(cfg: LlamaConfig) -> int:
+    """Parameters that multiply activations in a matmul: L blocks of q, k, v, o (4 D^2) and gate, up,
+    down (3 D F), and the LM head (D V). The embedding (a row lookup) and the norm scales are left out."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    return cfg.num_layers * (4 * d * d + 3 * d * f) + d * v
+
+
+def train_flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:
+    """Floating-point operations of one training step (forward and backward) per token at `seq_len`.
+
+    6 per matmul parameter (`matmul_param_count`): a multiply-add is 2 flops in the
+    forward pass, and the backward pass does it twice (the gradient of the input and
+    of the weight). Attention adds, per layer and token, the scores Q K^T and the
+    weighted sum P V, 2 * seq_len * D flops each in the forward pass, times 3 with the
+    backward pass: 12 * L * seq_len * D. The full seq_len x seq_len score matrix is
+    counted, as XLA computes it (the causal mask skips no work). Norms, rotary
+    embeddings, softmax, SiLU, the loss and the optimizer are O(D) per token and left
+    out. This is the count of nanoGPT's `estimate_mfu` and the PaLM paper's appendix B.
+    """
+    checks.integer("seq_len", seq_len, minimum=1)
+    return 6 * matmul_param_count(cfg) + 12 * cfg.num_layers * seq_len * cfg.hidden_size
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
     """Rotates query/key features by position (RoPE, rotate-half convention).
 

@@ -40,6 +40,47 @@ def test_parameter_count_matches_closed_form(shape):
     assert counted == expected == llama.param_count(cfg)
 
 
+def test_train_flops_per_token_matches_a_hand_count():
+    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_heads=4, num_layers=4,
+                            max_len=64)
+    # Per layer q, k, v, o: 4 * 128 * 128 = 65,536 and gate, up, down: 3 * 128 * 384 = 147,456;
+    # 4 layers: 851,968; head 128 * 256 = 32,768; matmul parameters 884,736.
+    assert llama.matmul_param_count(cfg) == 884_736
+    # 6 * 884,736 = 5,308,416, plus attention 12 * 4 layers * 64 positions * 128 = 393,216.
+    assert llama.train_flops_per_token(cfg, 64) == 5_701_632
+    assert llama.train_flops_per_token(cfg, 32) == 5_308_416 + 196_608  # attention scales with seq_len
+
+
+def test_matmul_params_are_the_model_kernels_but_the_embedding():
+    abstract = jax.eval_shape(lambda k: llama.Llama(SMALL).init(k, jnp.zeros((1, 4), jnp.int32)), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]
+    kernels = sum(int(np.prod(x.shape)) for path, x in flat if "kernel" in jax.tree_util.keystr(path))
+    assert kernels == llama.matmul_param_count(SMALL)
+
+
+def test_train_flops_per_token_is_xlas_count_less_the_elementwise_work():
+    """XLA's cost analysis of the compiled gradient counts every op; ours counts the matmuls only."""
+    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_heads=4, num_layers=4,
+                            max_len=64)
+    model = llama.Llama(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"])
+
+    def loss(params, tokens):
+        logits = model.apply({"params": params}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    cost = jax.jit(jax.grad(loss)).lower(params, jnp.zeros((2, 65), jnp.int32)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_per_token = cost["flops"] / (2 * 64)
+    ours = llama.train_flops_per_token(cfg, 64)
+    assert ours <= xla_per_token <= 1.1 * ours
+
+
+def test_train_flops_per_token_rejects_a_bad_seq_len():
+    with pytest.raises(ValueError, match="seq_len"):
+        llama.train_flops_per_token(SMALL, 0)
+
+
 def _rope_reference(x, positions, theta):
     """float64 NumPy RoPE: pair (i, i + d/2) rotated by angle p * theta^(-2i/d)."""
     x = np.asarray(x, np.float64)
