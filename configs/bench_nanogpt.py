@@ -52,7 +52,7 @@ def _base() -> ConfigDict:
     c.target_time_ratio = 1.0  # ... in at most this times nanoGPT's wall time
     c.timeout_s = 1800  # limit of one training process (seconds)
     c.section = "bench_nanogpt"  # section of docs/benchmarks.md and name of its JSON
-    c.write_docs = True  # rewrite that section of docs/benchmarks.md
+    c.write_docs = True  # rewrite that section of docs/benchmarks.md, its block in docs/pretraining.md, README's line
     return c
 
 

@@ -16,7 +16,8 @@ the number of tokens is reported). Also measures this machine's float32 matmul
 rate with JAX (1024 x 1024 and the shapes of our model's matmuls), before and
 after the runs, and reports tokens/s and achieved GFLOP/s of both next to it.
 Prints the table, writes bench_nanogpt.json to the workdir and, with
-`write_docs`, the `bench_nanogpt` section of docs/benchmarks.md.
+`write_docs`, the `bench_nanogpt` section of docs/benchmarks.md, the same block
+in docs/pretraining.md and the README's line about the main job.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from lorank.data import text
 from lorank.models import llama
 
 REPO_ROOT = benchlib.REPO_ROOT
+PRETRAINING_MD = REPO_ROOT / "docs" / "pretraining.md"
+README = REPO_ROOT / "README.md"
 NANOGPT_DATA = pathlib.Path("data") / "shakespeare_char"
 NANOGPT_EVAL_BATCHES_FLAG = "eval_iters"
 NANOGPT_VOCAB = 65  # distinct characters of Tiny Shakespeare: the vocabulary nanoGPT's prepare.py builds
@@ -353,9 +356,25 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
         command = (f"python -m experiments.bench_nanogpt --config configs/bench_nanogpt.py:{config.variant} "
                    f"--workdir runs/{config.section}")
         benchlib.write_section(config.section, command, body, results)
+        benchlib.write_block(PRETRAINING_MD, config.section,
+                             f"\nCommand: `{command}`  \nMachine: {benchlib.machine_description()}  \n"
+                             f"Date: {time.strftime('%Y-%m-%d')}\n\n{body}\n")
+        benchlib.write_block(README, "main-job", "\n" + readme_line(results) + "\n")
         figure = benchlib.REPO_ROOT / "docs" / "figures" / f"{config.section}_loss.png"
         shutil.copyfile(results["ours"][-1]["loss_plot"], figure)
     return results
+
+
+def readme_line(results: dict) -> str:
+    """The README's one line about the main job: its size, wall time and loss against nanoGPT's."""
+    ours = results["ours"][-1]
+    line = (f"Measured by `experiments.bench_nanogpt`: {ours['params_millions']:.2f}M parameters, "
+            f"{results['ours_wall_s'][0]:.0f} s from start to exit (compilation included), validation loss "
+            f"{results['ours_val_loss'][0]:.3f} nats/byte")
+    if results["nanogpt"]:
+        line += (f", against {results['nanogpt_wall_s'][0]:.0f} s and {results['nanogpt_val_loss'][0]:.3f} for "
+                 "nanoGPT's CPU recipe in the same run")
+    return line + "."
 
 
 def summarize(results: dict, config) -> dict[str, Any]:

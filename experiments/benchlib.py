@@ -72,6 +72,21 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_block(path: pathlib.Path, name: str, text: str) -> None:
+    """Replaces the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` of the file at `path`
+    (a page of docs/, README.md) by `text`, so numbers quoted there come from the module that measured them.
+
+    Raises:
+      ValueError: the file lacks the markers (both are named).
+    """
+    content = path.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in content or end not in content:
+        raise ValueError(f"{path} lacks the markers {start} ... {end} that delimit the generated text")
+    head, tail = content[:content.index(start) + len(start)], content[content.index(end):]
+    path.write_text(f"{head}{text}{tail}")
+
+
 def write_section(name: str, command: str, body_markdown: str, results: dict[str, Any],
                   path: pathlib.Path = BENCHMARKS_MD) -> None:
     """Replace (or append) section `name` of docs/benchmarks.md and write its JSON.

@@ -329,13 +329,8 @@ def tables_markdown(rows: list[dict]) -> str:
 
 def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD) -> None:
     """Replaces the text between `<!-- memory:start -->` and `<!-- memory:end -->` of docs/memory.md."""
-    text = path.read_text()
-    start, end = "<!-- memory:start -->", "<!-- memory:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{path} lacks the markers {start} ... {end} that delimit the generated table")
-    body = (f"{start}\nMachine: {benchlib.machine_description()}  \nDate: {time.strftime('%Y-%m-%d')}\n\n"
-            f"{tables_md.strip()}\n{end}")
-    path.write_text(text[:text.index(start)] + body + text[text.index(end) + len(end):])
+    benchlib.write_block(path, "memory", f"\nMachine: {benchlib.machine_description()}  \n"
+                                         f"Date: {time.strftime('%Y-%m-%d')}\n\n{tables_md.strip()}\n")
 
 
 def command_line(config, variant: str = "paper") -> str:
