@@ -78,9 +78,8 @@ def get_config(arg: str = "bench") -> ConfigDict:
             c.peak_lrs = ConfigDict({"galore": 1e-2})  # a higher grid for GaLore: its best was the top of 5e-3 x (1..8)
             c.section = "bench_pretrain_sweep"
     elif arg == "smoke":
-        c.methods = "adamw,galore,lora"
-        c.lr_multipliers = "1,2"
-        c.peak_lrs = ConfigDict({"lora": 4e-3})
+        c.methods = "adamw,galore"
+        c.peak_lrs = ConfigDict({"galore": 1.5e-2})
         c.write_docs = False
         c.pretrain = _llama("smoke")
         c.pretrain.analysis.grad_rank = False

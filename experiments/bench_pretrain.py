@@ -124,6 +124,14 @@ def plot_curves(results: dict[str, dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def best_run(runs: dict[str, dict]) -> dict:
+    """The run of lowest final validation loss among one method's learning rates, with the step
+    time and throughput (which do not depend on the learning rate) the medians over all of them."""
+    best = min(runs.values(), key=lambda r: r["final_eval_loss"])
+    return dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
+                tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))
+
+
 def train_method(config, name: str, base_lr: float, multiplier: float, workdir: pathlib.Path) -> dict:
     """One method at `multiplier` times its peak learning rate `base_lr`; its `run_summary`."""
     cfg = copy.deepcopy(config.pretrain)
@@ -148,12 +156,7 @@ def run(config, workdir) -> dict:
     sweep = {name: {f"{m:g}": train_method(config, name, lrs[name], m, workdir) for m in multipliers}
              for name in names}
     wall_seconds = time.perf_counter() - start
-    results = {}
-    for name, runs in sweep.items():
-        best = min(runs.values(), key=lambda r: r["final_eval_loss"])
-        # step time and throughput do not depend on the learning rate: the median over the sweep
-        results[name] = dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
-                             tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))
+    results = {name: best_run(runs) for name, runs in sweep.items()}
     baseline = names[0]
     for r in results.values():
         r["step_time_ratio"] = r["step_seconds"] / results[baseline]["step_seconds"]

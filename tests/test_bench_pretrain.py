@@ -29,6 +29,14 @@ def test_bench_runs_every_method_once_at_the_sweeps_best():
     assert bench.section != sweep.section
 
 
+def test_best_run_has_the_lowest_loss_and_the_median_timings():
+    runs = {"0.5": {"final_eval_loss": 2.0, "step_seconds": 1.0, "tokens_per_s": 30.0, "lr": 1e-3},
+            "1": {"final_eval_loss": 1.5, "step_seconds": 4.0, "tokens_per_s": 10.0, "lr": 2e-3},
+            "2": {"final_eval_loss": 1.7, "step_seconds": 2.0, "tokens_per_s": 20.0, "lr": 4e-3}}
+    assert bench_pretrain.best_run(runs) == {"final_eval_loss": 1.5, "step_seconds": 2.0, "tokens_per_s": 20.0,
+                                             "lr": 2e-3}
+
+
 @pytest.mark.parametrize("peak_lrs, message", [({"adam": 1e-3}, "unknown methods \\['adam'\\]"),
                                                ({"lora": 0.0}, "must be positive")])
 def test_bad_peak_lrs_are_named(peak_lrs, message):
