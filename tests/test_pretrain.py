@@ -105,6 +105,8 @@ def test_lora_run_samples_from_the_merged_model_and_sample_reloads_it(tmp_path):
     config = smoke_config()
     config.optim.name = "lora"
     config.analysis.grad_rank = False
+    config.model.num_layers = 1
+    config.train.steps = config.train.eval_every = config.train.checkpoint_every = 4
     lines = []
     summary = pretrain.run(config, str(tmp_path), log=lines.append)
     assert summary["trainable_params"] < summary["params"]

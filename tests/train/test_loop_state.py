@@ -129,6 +129,17 @@ def test_resume_retraces_an_uninterrupted_run_bit_exactly_on_eight_devices(tmp_p
     assert [r["loss"] for r in records[1:]] == [r["loss"] for r in h_straight[1:]]
 
 
+def test_metrics_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
+    tx = optax.adam(0.05)
+    loop.run(toy_task(), tx, cfg(steps=8, checkpoint_every=4), one_device(), str(tmp_path), stop_at=4, log=quiet)
+    with open(tmp_path / loop.METRICS_FILE, "a") as f:  # records of steps 5-6 whose checkpoint never landed
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
+    loop.run(toy_task(), tx, cfg(steps=8, checkpoint_every=4), one_device(), str(tmp_path), log=quiet)
+    records = [json.loads(x) for x in open(tmp_path / loop.METRICS_FILE)]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(r.get("loss") != 9.0 for r in records)
+
+
 def test_eight_devices_equal_one_and_the_extra_state_is_laid_out(tmp_path):
     tx = optax.adam(0.05)
     one, _ = loop.run(toy_task(), tx, cfg(), one_device(), str(tmp_path / "one"), log=quiet)

@@ -1,5 +1,6 @@
 """Every training method: it learns, 8 devices equal 1, every state leaf is laid out, sizes, errors."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -13,7 +14,8 @@ from lorank import config_files
 from lorank.models import llama
 from lorank.train import lm, loop, mesh as mesh_lib, methods
 
-CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_layers=2, max_len=16)
+# One block: every method's structure is there (attention and MLP kernels, embedding, head) at half the compile.
+CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_layers=1, max_len=16)
 TOKENS = (np.arange(20_000) * 7919 % 61).astype(np.int32)  # a deterministic stream over 61 symbols
 STEPS = 6
 
@@ -40,16 +42,19 @@ def quiet(_):
 
 @pytest.mark.parametrize("name", methods.METHODS)
 def test_method_learns_and_eight_devices_equal_one(name, tmp_path):
+    """Six steps through the loop on one device and on a (2, 2, 2) mesh: the same losses and
+    parameters, and the training loss falls (the evaluators are left out: the loop's own tests
+    cover them, and the per-method question is the update)."""
     cfg = loop.LoopConfig(steps=STEPS, batch_size=8, log_every=1, eval_every=STEPS, checkpoint_every=STEPS)
     single = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
     sharded = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     method = make_method(name, cfg)
-    s1, h1 = loop.run(method.task, method.tx, cfg, single, str(tmp_path / "one"), log=quiet)
-    s8, h8 = loop.run(method.task, method.tx, cfg, sharded, str(tmp_path / "eight"), log=quiet)
+    task = dataclasses.replace(method.task, evaluators=())
+    s1, h1 = loop.run(task, method.tx, cfg, single, str(tmp_path / "one"), log=quiet)
+    s8, h8 = loop.run(task, method.tx, cfg, sharded, str(tmp_path / "eight"), log=quiet)
 
-    evals = [r["eval_loss"] for r in h8 if "eval_loss" in r]
-    assert evals[-1] < evals[0] - 0.02, f"{name}: validation loss {evals[0]:.4f} -> {evals[-1]:.4f}"
-    losses = lambda h: [r["loss"] for r in h if "loss" in r]
+    losses = lambda h: [r["loss"] for r in h if "loss" in r]  # noqa: E731
+    assert losses(h8)[-1] < losses(h8)[0] - 0.02, f"{name}: training loss {losses(h8)}"
     np.testing.assert_allclose(losses(h8), losses(h1), rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                                          rtol=2e-4, atol=2e-6),
@@ -93,7 +98,7 @@ def hand_counts(d, f, v, layers, r):
 
 def test_parameter_counts_match_the_closed_form():
     cfg = loop.LoopConfig(steps=STEPS, batch_size=8)
-    full, lowrank, lora_total, lora_trainable = hand_counts(32, 64, 64, 2, 4)
+    full, lowrank, lora_total, lora_trainable = hand_counts(32, 64, 64, 1, 4)
     reports = {name: methods.parameter_report(make_method(name, cfg)) for name in ("adamw", "lowrank", "lora")}
     assert (reports["adamw"]["total"], reports["adamw"]["trainable"]) == (full, full)
     assert (reports["lowrank"]["total"], reports["lowrank"]["trainable"]) == (lowrank, lowrank)

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-COMMAND = [sys.executable, "-m", "experiments.pretrain", "--config", "configs/llama.py:smoke"]
+COMMAND = [sys.executable, "-m", "experiments.pretrain", "--config", "configs/llama.py:smoke",
+           "--config.analysis.grad_rank=False"]
 
 
 def free_port() -> int:
@@ -26,9 +27,11 @@ def free_port() -> int:
 
 def launch(workdir: pathlib.Path, devices: int, *, process_id: int | None = None, port: int | None = None,
            stop_at: int | None = None) -> subprocess.Popen:
+    """The smoke main job in a fresh process with `devices` CPU devices (and a coordinator at `port`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     if process_id is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(process_id))
