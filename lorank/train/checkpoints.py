@@ -47,10 +47,30 @@ class NoIntactCheckpoint(RuntimeError):
     """Every checkpoint of a directory failed verification."""
 
 
+# orbax saves a replicated array in parallel from its replicas by cutting it into one slice per
+# replica, which compiles a slicing program per array shape; for slices under a MiB that costs more
+# than the parallel write saves, so smaller arrays are written whole by their first replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def open_manager(directory: str, *, keep: int | None = None) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over `directory` (created if missing) keeping the newest `keep`."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=_pytree_handler())
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Starts saving `state` (a pytree of arrays) as checkpoint `step`; `seal_finished` completes it."""
+    manager.save(step, args=ocp.args.PyTreeSave(state))
 
 
 def step_path(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
@@ -133,7 +153,8 @@ def assert_finite(tree: Any, what: str) -> None:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shardings: Any) -> Any:
     """Checkpoint `step` of `manager` laid out with `shardings` (no verification)."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return manager.restore(step, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
 
 
 def _problem(manager, step, abstract_state, shardings) -> tuple[Any, str | None]:

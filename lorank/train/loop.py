@@ -592,7 +592,7 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
                 pending = None
                 checkpoints.seal_finished(manager)
                 checkpoints.assert_finite(state, f"the train state at step {step}")
-                manager.save(step, args=checkpoints.ocp.args.StandardSave(state))
+                checkpoints.save(manager, step, state)
                 last_checkpoint = step
         check(pending)
     finally:  # saves in flight land and are sealed, also when the run stops on an error

@@ -226,8 +226,10 @@ def test_nonfinite_values_in_an_unsealed_checkpoint_are_caught_and_none_intact_i
     manager = checkpoints.open_manager(str(tmp_path / loop.CHECKPOINT_DIR))
     state = checkpoints.restore(manager, 4, abstract, shardings)
     bad = state.replace(extra={**state.extra, "cov": state.extra["cov"] * jnp.nan}, step=state.step + 2)
-    manager.save(6, args=checkpoints.ocp.args.StandardSave(bad))  # orbax alone: no manifest, NaN inside
-    manager.wait_until_finished()
+    # orbax alone, in its standard format (the layout of our checkpoints): no manifest, NaN inside
+    with checkpoints.ocp.CheckpointManager(manager.directory) as plain:
+        plain.save(6, args=checkpoints.ocp.args.StandardSave(bad))
+    manager.reload()
     warnings = []
     restored, step = checkpoints.restore_newest_intact(manager, abstract, shardings, warn=warnings.append)
     assert step == 4 and any("non-finite values in extra/cov" in w for w in warnings)
