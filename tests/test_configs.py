@@ -57,6 +57,16 @@ def _pretrain(out):
     return {"final_eval_loss": (out["final_eval_loss"], 3.5, 5.3), "steps": (out["steps"], 12, 12)}
 
 
+def _grad_rank(out):
+    checks = {"evaluations at steps 0, 4, 8, 12": (float(out["steps"] == [0, 4, 8, 12]), 1, 1),
+              "final_eval_loss": (out["final_eval_loss"], 3.5, 5.3)}
+    for kind, ranks in out["stable_rank"].items():
+        checks[f"{kind}: smallest dimension (32 in the smoke model)"] = (out["min_dims"][kind], 32, 32)
+        checks[f"{kind}: stable rank in [1, 32]"] = (float(all(1 - 1e-4 <= r <= 32 for r in ranks)), 1, 1)
+    checks["four layer kinds"] = (len(out["stable_rank"]), 4, 4)
+    return checks
+
+
 def _bench_pretrain(out):
     checks = {}
     for name, m in out["methods"].items():
@@ -134,6 +144,7 @@ HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
     "bench_pretrain:smoke": _bench_pretrain,
+    "grad_rank:smoke": _grad_rank,
     "memory:smoke": _memory,
     "dynamics:linear_cl_smoke": _linear_cl,
     "dynamics:one_layer_smoke": _one_layer,
