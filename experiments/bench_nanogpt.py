@@ -356,9 +356,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
         command = (f"python -m experiments.bench_nanogpt --config configs/bench_nanogpt.py:{config.variant} "
                    f"--workdir runs/{config.section}")
         benchlib.write_section(config.section, command, body, results)
-        benchlib.write_block(PRETRAINING_MD, config.section,
-                             f"\nCommand: `{command}`  \nMachine: {benchlib.machine_description()}  \n"
-                             f"Date: {time.strftime('%Y-%m-%d')}\n\n{body}\n")
+        benchlib.write_measured_block(PRETRAINING_MD, config.section, body, command)
         benchlib.write_block(README, "main-job", "\n" + readme_line(results) + "\n")
         figure = benchlib.REPO_ROOT / "docs" / "figures" / f"{config.section}_loss.png"
         shutil.copyfile(results["ours"][-1]["loss_plot"], figure)

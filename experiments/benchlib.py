@@ -72,6 +72,13 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def provenance(command: str | None = None) -> str:
+    """The lines every generated block of the docs starts with: the command (if any), the machine, the date."""
+    lines = ([f"Command: `{command}`"] if command else []) + [f"Machine: {machine_description()}",
+                                                            f"Date: {time.strftime('%Y-%m-%d')}"]
+    return "  \n".join(lines)
+
+
 def write_block(path: pathlib.Path, name: str, text: str) -> None:
     """Replaces the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` of the file at `path`
     (a page of docs/, README.md) by `text`, so numbers quoted there come from the module that measured them.
@@ -87,6 +94,11 @@ def write_block(path: pathlib.Path, name: str, text: str) -> None:
     path.write_text(f"{head}{text}{tail}")
 
 
+def write_measured_block(path: pathlib.Path, name: str, body_markdown: str, command: str | None = None) -> None:
+    """`write_block` of `body_markdown` under its `provenance` (what measured it, where and when)."""
+    write_block(path, name, f"\n{provenance(command)}\n\n{body_markdown.strip()}\n")
+
+
 def write_section(name: str, command: str, body_markdown: str, results: dict[str, Any],
                   path: pathlib.Path = BENCHMARKS_MD) -> None:
     """Replace (or append) section `name` of docs/benchmarks.md and write its JSON.
@@ -100,7 +112,7 @@ def write_section(name: str, command: str, body_markdown: str, results: dict[str
     stamp = time.strftime("%Y-%m-%d")
     section = (
         f"<!-- {name}:start -->\n## {name}\n\n"
-        f"Command: `{command}`  \nMachine: {machine_description()}  \nDate: {stamp}\n\n"
+        f"{provenance(command)}\n\n"
         f"{body_markdown.strip()}\n<!-- {name}:end -->"
     )
     text = path.read_text() if path.exists() else _HEADER

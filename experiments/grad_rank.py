@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import shutil
-import time
 from typing import Any
 
 import jax
@@ -27,14 +26,14 @@ from lorank.train import lm, loop, pretrain
 
 PRETRAINING_MD = benchlib.REPO_ROOT / "docs" / "pretraining.md"
 FIGURE = benchlib.REPO_ROOT / "docs" / "figures" / "pretrain_grad_rank.png"
-PREFIX = "grad_stable_rank/"
+PREFIX = lm.GRAD_RANK_PREFIX
 KIND_NAMES = {"attention": "attention", "mlp": "MLP", "embedding": "embedding", "lm_head": "LM head"}
 
 
 def kind_min_dims(config) -> dict[str, int]:
     """{layer kind: the smallest dimension of any of its matrices} of `config`'s model (from shapes)."""
     model = lm.build_llama(config)
-    shapes = jax.eval_shape(lm.shapes_task(model).init_params, jax.random.key(0))
+    shapes = jax.eval_shape(lm.init_params_fn(model), jax.random.key(0))
     dims: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         kind = llama.layer_kind(tuple(path))
@@ -52,13 +51,12 @@ def rank_table(records: list[dict]) -> tuple[list[str], list[tuple[int, dict[str
 
 
 def docs_body(kinds: list[str], rows: list[tuple[int, dict[str, float]]], dims: dict[str, int]) -> str:
-    head = "| step | " + " | ".join(f"{KIND_NAMES.get(k, k)} (min dim {dims[k]})" for k in kinds) + " |"
-    lines = [head, "|---" * (len(kinds) + 1) + "|"]
-    lines += [f"| {step} | " + " | ".join(f"{ranks[k]:.2f}" for k in kinds) + " |" for step, ranks in rows]
+    table = benchlib.markdown_table(["step"] + [f"{KIND_NAMES.get(k, k)} (min dim {dims[k]})" for k in kinds],
+                                    [[step] + [f"{ranks[k]:.2f}" for k in kinds] for step, ranks in rows])
     peak = max(max(ranks.values()) for _, ranks in rows)
     fraction = max(ranks[k] / dims[k] for _, ranks in rows for k in kinds)
     lowest = [min(kinds, key=lambda k: ranks[k]) for _, ranks in rows[1:]]
-    return ("\n".join(lines) + f"\n\nThe largest mean stable rank is {peak:.2f}: at most {100 * fraction:.1f}% of "
+    return (table + f"\n\nThe largest mean stable rank is {peak:.2f}: at most {100 * fraction:.1f}% of "
             f"the smallest dimension of its matrices. The lowest kind after initialization, per evaluation: "
             f"{', '.join(KIND_NAMES.get(k, k) for k in lowest)}.\n")
 
@@ -78,9 +76,7 @@ def run(config, workdir: str, log=print) -> dict[str, Any]:
     if config.write_docs:
         command = (f"python -m experiments.grad_rank --config configs/grad_rank.py:{config.variant} "
                    "--workdir runs/grad_rank")
-        benchlib.write_block(PRETRAINING_MD, "grad_rank",
-                             f"\nCommand: `{command}`  \nMachine: {benchlib.machine_description()}  \n"
-                             f"Date: {time.strftime('%Y-%m-%d')}\n\n{body}")
+        benchlib.write_measured_block(PRETRAINING_MD, "grad_rank", body, command)
         shutil.copyfile(os.path.join(workdir, "grad_stable_rank.png"), FIGURE)
     return results
 

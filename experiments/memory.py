@@ -329,8 +329,7 @@ def tables_markdown(rows: list[dict]) -> str:
 
 def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD) -> None:
     """Replaces the text between `<!-- memory:start -->` and `<!-- memory:end -->` of docs/memory.md."""
-    benchlib.write_block(path, "memory", f"\nMachine: {benchlib.machine_description()}  \n"
-                                         f"Date: {time.strftime('%Y-%m-%d')}\n\n{tables_md.strip()}\n")
+    benchlib.write_measured_block(path, "memory", tables_md)
 
 
 def command_line(config, variant: str = "paper") -> str:
