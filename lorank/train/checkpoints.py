@@ -6,9 +6,10 @@ state. lorank therefore seals every finished checkpoint with a manifest
 (`CHECKSUM_FILE` inside the step directory: the SHA-256 of every file in it), and
 `restore_newest_intact` trusts a checkpoint only when
 
-1. every file of the manifest is present with its recorded digest, and
-2. the restored state holds no non-finite value (a state with one is never saved,
-   `assert_finite`), and orbax restores it without error.
+1. every file of the manifest is present with its recorded digest,
+2. orbax restores it without error, and
+3. the restored state holds no non-finite value (a state with one is never saved,
+   `assert_finite`).
 
 A checkpoint that fails is named in a warning and skipped for the next older one;
 during training it is moved to `CORRUPT_DIR` beside the checkpoints (kept for

@@ -60,6 +60,9 @@ def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], 
     return lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
+GRAD_RANK_PREFIX = "grad_stable_rank/"  # metrics of `gradient_rank_probe`: GRAD_RANK_PREFIX + layer kind
+
+
 def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray,
                         layer_kind: Callable[[tuple], str | None]) -> Callable[[dict], dict[str, jax.Array]]:
     """params -> {"grad_stable_rank/<kind>": mean stable rank of that layer kind's gradients on `probe_batch`}."""
@@ -67,7 +70,7 @@ def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray,
 
     def probe(params):
         grads = jax.grad(loss_fn)(params, probe_batch)
-        return {f"grad_stable_rank/{k}": v for k, v in grad_rank.group_stable_ranks(grads, layer_kind).items()}
+        return {GRAD_RANK_PREFIX + k: v for k, v in grad_rank.group_stable_ranks(grads, layer_kind).items()}
 
     return probe
 

@@ -70,7 +70,7 @@ def run(config: ConfigDict, workdir: str, *, stop_at: int | None = None, log=pri
         title = f"{model.cfg.num_layers}-layer LLaMA, {method.name}, {report['total']:,} params"
         curves.plot_metrics(metrics_path, os.path.join(workdir, "loss.png"), title=title)
         if config.analysis.grad_rank:
-            keys = curves.metric_keys(curves.read_metrics(metrics_path), "grad_stable_rank/")
+            keys = curves.metric_keys(curves.read_metrics(metrics_path), lm.GRAD_RANK_PREFIX)
             curves.plot_metrics(metrics_path, os.path.join(workdir, "grad_stable_rank.png"), keys=keys,
                                 ylabel="gradient stable rank (mean over layers)", title=title, logy=True)
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
