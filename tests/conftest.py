@@ -1,6 +1,7 @@
 """Test-wide setup: 8 fake CPU devices, fast compilation and a compilation cache, set before jax is imported."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -39,3 +40,24 @@ def shared_data():
     if not path.is_dir():
         pytest.skip(f"shared data directory {path} not found; set LORANK_DATA")
     return path
+
+
+def damage_checkpoint(step_dir: pathlib.Path, count: int = 256) -> pathlib.Path:
+    """Flips `count` bytes in the largest data file of a checkpoint step directory (not its
+    checksum manifest), as a failing disk would; returns that file."""
+    from lorank.train import checkpoints
+
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoints.CHECKSUM_FILE]
+    path = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    start = len(data) // 3
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def damage():
+    """`damage_checkpoint`: damage(step_dir) -> the damaged file."""
+    return damage_checkpoint

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import sample
 from lorank import config_files
-from lorank.train import checkpoints, loop, pretrain
+from lorank.train import loop, pretrain
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "llama.py"
 
@@ -50,19 +50,14 @@ def test_pretrain_writes_metrics_plot_checkpoint_and_samples(smoke_run):
     assert sample.sample(workdir, c.prompt, c.length, temperature=c.temperature, seed=c.seed) == summary["sample"]
 
 
-def test_a_corrupt_checkpoint_is_detected_by_sampling_and_resuming(smoke_run, tmp_path):
+def test_a_corrupt_checkpoint_is_detected_by_sampling_and_resuming(smoke_run, tmp_path, damage):
     """256 bytes flipped in the largest data file of the newest checkpoint (step 12): sampling
     names it and falls back to step 6; a resumed run names it, moves it aside, retrains steps
     7-12 and ends where the intact run ended."""
     source, summary, _ = smoke_run
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
-    newest = workdir / loop.CHECKPOINT_DIR / "12"
-    damaged = max((p for p in newest.rglob("*") if p.is_file() and p.name != checkpoints.CHECKSUM_FILE),
-                  key=lambda p: p.stat().st_size)
-    data = bytearray(damaged.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 256] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 256])
-    damaged.write_bytes(bytes(data))
+    damaged = damage(workdir / loop.CHECKPOINT_DIR / "12")
     warnings = []
     config, _, params = sample.load_params(str(workdir), warn=warnings.append)
     assert any(str(damaged) in w and "corrupt" in w for w in warnings)

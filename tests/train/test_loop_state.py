@@ -190,26 +190,12 @@ def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
     assert checkpoints.open_manager(str(tmp_path / loop.CHECKPOINT_DIR)).all_steps() == [2]
 
 
-def flip_bytes(path: pathlib.Path, count: int = 256) -> None:
-    data = bytearray(path.read_bytes())
-    start = len(data) // 3
-    for i in range(start, min(start + count, len(data))):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
-    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoints.CHECKSUM_FILE]
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def test_a_corrupt_newest_checkpoint_is_named_moved_aside_and_the_run_falls_back(tmp_path):
+def test_a_corrupt_newest_checkpoint_is_named_moved_aside_and_the_run_falls_back(tmp_path, damage):
     tx = optax.adam(0.05)
     straight, _ = loop.run(toy_task(), tx, cfg(steps=8), one_device(), str(tmp_path / "straight"), log=quiet)
     workdir = tmp_path / "run"
     loop.run(toy_task(), tx, cfg(steps=8), one_device(), str(workdir), stop_at=6, log=quiet)
-    damaged = largest_data_file(workdir / loop.CHECKPOINT_DIR / "6")
-    flip_bytes(damaged)
+    damaged = damage(workdir / loop.CHECKPOINT_DIR / "6")
     lines = []
     resumed, _ = loop.run(toy_task(), tx, cfg(steps=8), one_device(), str(workdir), log=lines.append)
     assert any("is corrupt" in ln and str(damaged) in ln for ln in lines)
@@ -218,7 +204,7 @@ def test_a_corrupt_newest_checkpoint_is_named_moved_aside_and_the_run_falls_back
     jax.tree.map(np.testing.assert_array_equal, host(resumed), host(straight))
 
 
-def test_nonfinite_values_in_an_unsealed_checkpoint_are_caught_and_none_intact_is_an_error(tmp_path):
+def test_nonfinite_values_in_an_unsealed_checkpoint_are_caught_and_none_intact_is_an_error(tmp_path, damage):
     tx = optax.adam(0.05)
     task = toy_task()
     loop.run(task, tx, cfg(steps=4), one_device(), str(tmp_path), log=quiet)
@@ -234,6 +220,6 @@ def test_nonfinite_values_in_an_unsealed_checkpoint_are_caught_and_none_intact_i
     restored, step = checkpoints.restore_newest_intact(manager, abstract, shardings, warn=warnings.append)
     assert step == 4 and any("non-finite values in extra/cov" in w for w in warnings)
     for s in (2, 4):
-        flip_bytes(largest_data_file(checkpoints.step_path(manager, s)))
+        damage(checkpoints.step_path(manager, s))
     with pytest.raises(checkpoints.NoIntactCheckpoint, match=r"no intact checkpoint .*6: non-finite.*4: checksum"):
         loop.restore_latest(str(tmp_path), abstract, shardings, warn=quiet)
