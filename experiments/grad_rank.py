@@ -27,7 +27,7 @@ from lorank.train import lm, loop, pretrain
 PRETRAINING_MD = benchlib.REPO_ROOT / "docs" / "pretraining.md"
 FIGURE = benchlib.REPO_ROOT / "docs" / "figures" / "pretrain_grad_rank.png"
 PREFIX = lm.GRAD_RANK_PREFIX
-KIND_NAMES = {"attention": "attention", "mlp": "MLP", "embedding": "embedding", "lm_head": "LM head"}
+KIND_NAMES = dict(zip(llama.LAYER_KINDS, ("attention", "MLP", "embedding", "LM head")))  # as the docs name them
 
 
 def kind_min_dims(config) -> dict[str, int]:
@@ -45,7 +45,7 @@ def kind_min_dims(config) -> dict[str, int]:
 def rank_table(records: list[dict]) -> tuple[list[str], list[tuple[int, dict[str, float]]]]:
     """(layer kinds, [(step, {kind: stable rank})]) of the evaluations in `records` that hold the probe."""
     found = [key[len(PREFIX):] for key in curves.metric_keys(records, PREFIX)]
-    kinds = [k for k in KIND_NAMES if k in found] + [k for k in found if k not in KIND_NAMES]
+    kinds = [k for k in llama.LAYER_KINDS if k in found] + [k for k in found if k not in llama.LAYER_KINDS]
     rows = [(r["step"], {k: r[PREFIX + k] for k in kinds}) for r in records if PREFIX + kinds[0] in r]
     return kinds, rows
 

@@ -55,7 +55,7 @@ AXIS_RULES = (
 # The attention and MLP kernels, layers_{i}/attn/{q,k,v,o}_proj/kernel and layers_{i}/mlp/{gate,up,down}_proj/kernel:
 # what the GaLore paper projects; embeddings, the LM head and the RMSNorm scales stay full-rank.
 GALORE_PATTERN = r"(^|.*/)layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
-LAYER_KINDS = ("attention", "mlp", "embedding", "lm_head")
+LAYER_KINDS = ("attention", "mlp", "embedding", "lm_head")  # what `layer_kind` returns, in reporting order
 
 
 def _as_dtype(value: Any, field: str) -> Any:
