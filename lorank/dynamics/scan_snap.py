@@ -408,9 +408,9 @@ def chi(z_query: jax.Array) -> jax.Array:
     return jnp.exp(2.0 * (z_query - z_query[0]))
 
 
-def relative_gain(f: jax.Array, l: int, l_ref: int) -> jax.Array:
-    """r_{l/l'|n}(t) = f_nl^2 / f_nl'^2 - 1 from f [..., M]."""
-    return f[..., l] ** 2 / f[..., l_ref] ** 2 - 1.0
+def relative_gain(f: jax.Array, token: int, ref: int) -> jax.Array:
+    """r_{l/l'|n}(t) = f_nl^2 / f_nl'^2 - 1 (l = token, l' = ref) from f [..., M]."""
+    return f[..., token] ** 2 / f[..., ref] ** 2 - 1.0
 
 
 # ----- closed forms -------------------------------------------------------------------------------

@@ -234,10 +234,10 @@ def test_theorem3_relative_gain_is_r0_times_chi(flows):
     world, problem, ratios, rec = flows
     errors = []
     for run in range(len(ratios)):
-        one = jax.tree.map(lambda a: a[run], rec)
+        one = jax.tree.map(lambda a, i=run: a[i], rec)
         _, f = ss.class_trajectory(one, problem)
         ref, others = world.distinct[0, 0], world.distinct[0, 1:]
-        r = np.stack([np.asarray(ss.relative_gain(f[:, 0], l, ref)) for l in others], -1)  # [S, D - 1]
+        r = np.stack([np.asarray(ss.relative_gain(f[:, 0], tok, ref)) for tok in others], -1)  # [S, D - 1]
         pred = r[0] * np.asarray(ss.chi(one.z_query[:, 0]))[:, others]
         errors.append(np.abs(r - pred).max() / np.abs(r).max())
     assert errors[0] > errors[1] > errors[2]
