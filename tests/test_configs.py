@@ -140,6 +140,38 @@ def _bench_nanogpt(out):
 
 
 # The headline numbers of every smoke run: name -> (value, low, high), checked to lie in [low, high].
+def _scan_snap(out):
+    small = out["syn_small"]
+    slow, fast = small["eta_y=1,eta_z=1"], small["eta_y=10,eta_z=1"]
+    chi = out["chi"]
+    table = out["b"]["table"]  # rows: ratio, T, B simulated, closed form, ratio, C0, spread or gap
+    population = [row for row in table if row[1] == "inf"]
+    return {
+        "Fig. 4: common-token mass of c_0 after training (0.645 at the start)": (slow["common_mass_end"], 0.25, 0.55),
+        "Fig. 4: eta_Y = 10 keeps more common mass than eta_Y = 1": (
+            fast["common_mass_end"] - slow["common_mass_end"], 0.05, 0.4),
+        "Fig. 4: top / bottom distinct token mass after training (10 at the start)": (
+            slow["distinct_top_over_bottom_end"], 12.0, 300.0),
+        "Fig. 3: saves inside Theorem 3's bounds, worst eta_Y": (min(v["bounds_hold_fraction"] for v in chi.values()
+                                                                   if isinstance(v, dict)), 1.0, 1.0),
+        "Fig. 3: max relative error of r = r(0) chi": (max(v["relative_gain_max_rel_error"] for v in chi.values()
+                                                          if isinstance(v, dict)), 0.0, 0.02),
+        "Fig. 8: largest h* - h in units of 2 eta_Y / M": (max(v["max_gap_over_2eta_over_m"] for v in out["h"].values()
+                                                             if isinstance(v, dict)), 0.05, 1.0),
+        "Fig. 8: simulated decoder vs h*": (out["h"]["simulated_max_abs_error"], 0.0, 1e-5),
+        "Fig. 9: B_n at eta_Z / eta_Y = 0.01": (population[-1][2], 0.01, 0.05),
+        "Fig. 9: Theorem 2's spread shrinks with eta_Z / eta_Y": (population[0][6] - population[-1][6], 0.05, 1.0),
+        "Fig. 6: cells where the largest eta_Z lowers the entropy": (
+            out["syn_medium"]["eta_z_lowers_entropy_fraction"], 1.0, 1.0),
+        "Fig. 6: entropy of the data's own c_n": (out["syn_medium"]["uniform_attention_entropy"], 2.1, 2.2),
+    }
+
+
+def _bench_scan_snap(out):
+    return {"runs": (out["runs"], 4, 4), "loop and sweep entropies agree": (out["max_entropy_difference"], 0, 1e-4),
+            "speedup is a positive ratio": (out["speedup"], 0.05, 1e4)}
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -151,6 +183,8 @@ HEADLINES = {
     "dynamics:galore_convergence_smoke": _galore_convergence,
     "dynamics:low_rank_grad_smoke": _low_rank_grad,
     "dynamics:bench_smoke": _bench_dynamics,
+    "scan_snap:all_smoke": _scan_snap,
+    "scan_snap:bench_smoke": _bench_scan_snap,
 }
 
 

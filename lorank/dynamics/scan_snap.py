@@ -24,6 +24,7 @@ Closed forms checked against the simulation (docs/scan_snap.md has the derivatio
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -245,9 +246,9 @@ def class_outputs(z: jax.Array, problem: Problem, residual: bool = False) -> tup
 
 
 def distinct_mask(probs: jax.Array, class_weight: jax.Array) -> jax.Array:
-    """[K, M] True where token l has probability under class n only (a distinct token of n)."""
-    support = (probs > 0) & (class_weight > 0)[:, None]
-    return support & (jnp.sum(support, axis=0, keepdims=True) == 1)
+    """[..., K, M] True where token l has probability under class n only (a distinct token of n)."""
+    support = (probs > 0) & (class_weight > 0)[..., None]
+    return support & (jnp.sum(support, axis=-2, keepdims=True) == 1)
 
 
 def xi_increment(z_before: jax.Array, z_after: jax.Array, problem: Problem, residual: bool = False
@@ -321,6 +322,45 @@ def _batch_fn(run: RunConfig, problem: Problem) -> Callable[[jax.Array, jax.Arra
     return lambda step, key: sampled_batch(key, problem, run.batch_size, run.seq_len)
 
 
+class Stepper(NamedTuple):
+    """One run as a carry and pure functions of it (what `train` scans; a Python loop may call `step`).
+
+    carry: (params, optimizer state, B_n [K], spread [K]) at step 0.
+    step: (carry, i) -> carry after optimizer step i.
+    snapshot: carry -> (z_query [K, M], population loss, B_n [K], spread [K], Y or None).
+    """
+
+    carry: Any
+    step: Callable[[Any, jax.Array], Any]
+    snapshot: Callable[[Any], tuple]
+
+
+def stepper(problem: Problem, run: RunConfig, eta_y: Any, eta_z: Any, key: jax.Array) -> Stepper:
+    """The initial state and the step of one run (see `train`)."""
+    k, m = problem.probs.shape
+    k_init, k_data = jax.random.split(key)
+    params = init_params(k_init, m, run.init, jnp.sum(problem.vocab_mask))
+    tx = optimizer(run.optimizer, eta_y, eta_z, momentum=run.momentum)
+    batch_at = _batch_fn(run, problem)
+    grad = jax.grad(loss)
+    pop = population_batch(problem)
+
+    def step(carry, i):
+        params, opt_state, b, _ = carry
+        g = grad(params, batch_at(i, jax.random.fold_in(k_data, i)), run.residual, problem.vocab_mask)
+        updates, opt_state = tx.update(g, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        inc, spread = xi_increment(params.z, new.z, problem, run.residual)
+        return new, opt_state, b + inc, spread
+
+    def snapshot(carry):
+        params, _, b, spread = carry
+        pop_loss = loss(params, pop, run.residual, problem.vocab_mask)
+        return (params.z[problem.query], pop_loss, b, spread, params.y if run.record_y else None)
+
+    return Stepper((params, tx.init(params), jnp.zeros(k), jnp.zeros(k)), step, snapshot)
+
+
 def train(problem: Problem, run: RunConfig, eta_y: Any, eta_z: Any, key: jax.Array) -> tuple[Params, Record]:
     """Trains (Y, Z) from `run.init` for `run.steps` steps; jit-able, vmappable over eta_y, eta_z, key.
 
@@ -333,35 +373,15 @@ def train(problem: Problem, run: RunConfig, eta_y: Any, eta_z: Any, key: jax.Arr
     Returns:
       (final params, `Record` with run.steps / run.record_every + 1 saves).
     """
-    k, m = problem.probs.shape
-    k_init, k_data = jax.random.split(key)
-    params = init_params(k_init, m, run.init, jnp.sum(problem.vocab_mask))
-    tx = optimizer(run.optimizer, eta_y, eta_z, momentum=run.momentum)
-    batch_at = _batch_fn(run, problem)
-    grad = jax.grad(loss)
-    pop = population_batch(problem)
-
-    def step(carry, i):
-        params, opt_state, b, spread = carry
-        g = grad(params, batch_at(i, jax.random.fold_in(k_data, i)), run.residual, problem.vocab_mask)
-        updates, opt_state = tx.update(g, opt_state, params)
-        new = optax.apply_updates(params, updates)
-        inc, spread = xi_increment(params.z, new.z, problem, run.residual)
-        return (new, opt_state, b + inc, spread), None
+    one = stepper(problem, run, eta_y, eta_z, key)
 
     def block(carry, start):
-        carry, _ = jax.lax.scan(step, carry, start + jnp.arange(run.record_every))
-        return carry, snapshot(carry)
+        carry, _ = jax.lax.scan(lambda c, i: (one.step(c, i), None), carry, start + jnp.arange(run.record_every))
+        return carry, one.snapshot(carry)
 
-    def snapshot(carry):
-        params, _, b, spread = carry
-        pop_loss = loss(params, pop, run.residual, problem.vocab_mask)
-        return (params.z[problem.query], pop_loss, b, spread, params.y if run.record_y else None)
-
-    carry = (params, tx.init(params), jnp.zeros(k), jnp.zeros(k))
-    first = snapshot(carry)
+    first = one.snapshot(one.carry)
     starts = jnp.arange(0, run.steps, run.record_every)
-    carry, saves = jax.lax.scan(block, carry, starts)
+    carry, saves = jax.lax.scan(block, one.carry, starts)
     saves = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, saves)
     z_query, pop_loss, b, spread, y = saves
     steps = jnp.concatenate([jnp.zeros(1, jnp.int32), starts.astype(jnp.int32) + run.record_every])
@@ -374,9 +394,13 @@ def sweep(problem: Problem, run: RunConfig, eta_y: jax.Array, eta_z: jax.Array, 
 
     With `stacked`, `problem` carries a leading [R] axis too (see `stack_problems`): one problem per run.
     """
-    check_run(run)
-    fn = jax.vmap(lambda p, ey, ez, kk: train(p, run, ey, ez, kk), in_axes=(0 if stacked else None, 0, 0, 0))
-    return jax.jit(fn)(problem, eta_y, eta_z, keys)
+    return _swept(check_run(run), stacked)(problem, eta_y, eta_z, keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _swept(run: RunConfig, stacked: bool) -> Callable:
+    """The jitted, vmapped `train` of one `RunConfig` (cached: repeated sweeps reuse its compilation)."""
+    return jax.jit(jax.vmap(lambda p, ey, ez, kk: train(p, run, ey, ez, kk), in_axes=(0 if stacked else None, 0, 0, 0)))
 
 
 def run_one(problem: Problem, run: RunConfig, eta_y: float, eta_z: float, key: jax.Array) -> tuple[Params, Record]:
@@ -384,7 +408,10 @@ def run_one(problem: Problem, run: RunConfig, eta_y: float, eta_z: float, key: j
     check_run(run)
     checks.number("eta_y", eta_y, low=0.0, low_open=True)
     checks.number("eta_z", eta_z, low=0.0, low_open=True)
-    return jax.jit(train, static_argnums=1)(problem, run, eta_y, eta_z, key)
+    return _train_jit(problem, run, eta_y, eta_z, key)
+
+
+_train_jit = jax.jit(train, static_argnums=1)
 
 
 # ----- derived quantities -------------------------------------------------------------------------
