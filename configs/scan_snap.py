@@ -102,6 +102,7 @@ def syn_medium(smoke: bool) -> ml_collections.ConfigDict:
         c.batch_size = 32  # smaller batches in the smoke run
         c.seq_len = 32  # shorter sequences in the smoke run
     c.record_every = c.steps  # only the end is used
+    c.chunk_size = 8  # runs vmapped at a time inside the one program (bounds its working set)
     c.seed = 0  # PRNG seed of the first run
     return c
 

@@ -269,7 +269,8 @@ def final_distinct_entropy(rec: ss.Record, problems: ss.Problem) -> np.ndarray:
 def syn_medium(c, workdir: pathlib.Path) -> dict[str, Any]:
     problems, eta_y, eta_z, run_keys, labels = syn_medium_runs(c)
     start = time.perf_counter()
-    _, rec = ss.sweep(problems, run_config(c), jnp.asarray(eta_y), jnp.asarray(eta_z), run_keys, stacked=True)
+    _, rec = ss.sweep(problems, run_config(c), jnp.asarray(eta_y), jnp.asarray(eta_z), run_keys, stacked=True,
+                      chunk_size=c.chunk_size)
     entropy = final_distinct_entropy(rec, problems)
     seconds = time.perf_counter() - start
     grid = entropy.reshape(len(c.num_queries), len(c.eta_z), len(c.ratios), c.num_seeds)

@@ -389,18 +389,43 @@ def train(problem: Problem, run: RunConfig, eta_y: Any, eta_z: Any, key: jax.Arr
 
 
 def sweep(problem: Problem, run: RunConfig, eta_y: jax.Array, eta_z: jax.Array, keys: jax.Array, *,
-          stacked: bool = False) -> tuple[Params, Record]:
+          stacked: bool = False, chunk_size: int | None = None) -> tuple[Params, Record]:
     """`train` for R runs in one compiled program: eta_y, eta_z [R], keys [R] -> leaves with a leading [R].
 
     With `stacked`, `problem` carries a leading [R] axis too (see `stack_problems`): one problem per run.
+    `chunk_size` runs are vmapped at a time and the chunks follow one another inside the program
+    (`lax.map`), which bounds the working set (the runs' Y, Z and optimizer states); None: all at once.
+    A last, partial chunk is padded with copies of run 0.
     """
-    return _swept(check_run(run), stacked)(problem, eta_y, eta_z, keys)
+    if chunk_size is not None:
+        checks.integer("chunk_size", chunk_size, minimum=1)
+    return _swept(check_run(run), stacked, chunk_size)(problem, eta_y, eta_z, keys)
 
 
 @functools.lru_cache(maxsize=64)
-def _swept(run: RunConfig, stacked: bool) -> Callable:
+def _swept(run: RunConfig, stacked: bool, chunk_size: int | None) -> Callable:
     """The jitted, vmapped `train` of one `RunConfig` (cached: repeated sweeps reuse its compilation)."""
-    return jax.jit(jax.vmap(lambda p, ey, ez, kk: train(p, run, ey, ez, kk), in_axes=(0 if stacked else None, 0, 0, 0)))
+    in_axes = (0 if stacked else None, 0, 0, 0)
+    many = jax.vmap(lambda p, ey, ez, kk: train(p, run, ey, ez, kk), in_axes=in_axes)
+    if chunk_size is None:
+        return jax.jit(many)
+
+    def chunked(problem, eta_y, eta_z, keys):
+        runs = eta_y.shape[0]
+        chunks = -(-runs // chunk_size)
+        pad = chunks * chunk_size - runs
+
+        def split(a):
+            a = jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]) if pad else a
+            return a.reshape((chunks, chunk_size) + a.shape[1:])
+
+        per_run = (problem if stacked else None, eta_y, eta_z, keys)
+        split_args = jax.tree.map(split, per_run)
+        fixed = None if stacked else problem
+        out = jax.lax.map(lambda args: many(fixed if args[0] is None else args[0], *args[1:]), split_args)
+        return jax.tree.map(lambda a: a.reshape((chunks * chunk_size,) + a.shape[2:])[:runs], out)
+
+    return jax.jit(chunked)
 
 
 def run_one(problem: Problem, run: RunConfig, eta_y: float, eta_z: float, key: jax.Array) -> tuple[Params, Record]:

@@ -284,3 +284,15 @@ def test_closed_forms_reject_bad_input():
         ss.h_continuous(1.0, 1.0, 1)
     with pytest.raises(ValueError, match="t must be"):
         ss.h_continuous(-1.0, 1.0, 10)
+
+
+def test_chunked_sweeps_equal_one_vmap():
+    problem = ss.as_problem(single_common_world(3, 4))
+    run = ss.RunConfig(steps=6, mode="sampled", batch_size=4, seq_len=8, momentum=0.9, record_every=3)
+    args = (jnp.array([1.0, 2.0, 3.0]), jnp.array([0.5, 1.0, 1.5]), jax.random.split(KEY, 3))
+    _, whole = ss.sweep(problem, run, *args)
+    _, chunked = ss.sweep(problem, run, *args, chunk_size=2)
+    np.testing.assert_allclose(chunked.z_query, whole.z_query, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(chunked.loss, whole.loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ss.sweep(problem, run, *args, chunk_size=0)
