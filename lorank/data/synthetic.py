@@ -207,3 +207,285 @@ def sample_sequences(key: jax.Array, world: SeqWorld, batch: int) -> tuple[jax.A
     context = jax.random.categorical(k_tok, logp[classes][:, None, :], shape=(batch, world.seq_len - 1))
     tokens = jnp.concatenate([context, jnp.asarray(world.query)[classes][:, None]], axis=1)
     return tokens.astype(jnp.int32), jnp.asarray(world.next_token)[classes].astype(jnp.int32), classes
+
+
+# ----- JoMA (Tian, Wang, Zhang, Chen, Du, ICLR 2024) ----------------------------------------------
+
+def joma_toy(num_classes: int = 20, num_distinct: int = 10, num_common: int = 10, *, gaussian: bool = True,
+             width: float = 30.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The token frequencies of JoMA's toy (its Fig. 2): one sequence per class, one shared query.
+
+    Class y's unnormalized frequencies: U(0, 1/2) draws for every token; with `gaussian`, the first
+    `num_distinct` tokens are replaced by the bump exp(-(l - y num_distinct / num_classes)^2 / width),
+    so each class has its own salient tokens and the last `num_common` tokens are shared noise.
+    Each row is normalized to sum to one.
+
+    Returns:
+      (x [num_classes, num_distinct + num_common] float64 with rows summing to one, labels [num_classes]).
+    """
+    checks.integer("num_classes", num_classes, minimum=2)
+    checks.integer("num_distinct", num_distinct, minimum=0)
+    checks.integer("num_common", num_common, minimum=0)
+    checks.number("width", width, low=0.0, low_open=True)
+    if num_distinct + num_common < 1:
+        raise ValueError("the toy needs at least one contextual token")
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 0.5, (num_classes, num_distinct + num_common))
+    if gaussian:
+        idx = np.arange(num_distinct)
+        for y in range(num_classes):
+            x[y, :num_distinct] = np.exp(-((idx - y * num_distinct / num_classes) ** 2) / width)
+    return x / x.sum(1, keepdims=True), np.arange(num_classes)
+
+
+class LatentTree(NamedTuple):
+    """JoMA's hierarchical binary latent tree (its Theorem 5 and Fig. 5a), a stochastic generator.
+
+    The root y_0 takes one of D values (the sequence's label, uniform). Every other node is a binary
+    latent; each node has `branching` children, so level s (s = 1..height) has branching^s nodes and
+    the leaves (level `height`) are the tokens: leaf l = 1 means token l appears in the sequence.
+    A binary child copies its parent through a symmetric channel: P(child = parent) = (1 + rho) / 2,
+    so rho is the correlation of parent and child (rho^H over H levels). A child j of the root
+    copies the bit root_codes[y_0, j] through the same channel. Node a of level s has the children
+    a * branching + i (i < branching) on level s + 1; leaf l's ancestor on level s is l // branching^(height - s).
+
+    num_classes: D, the values of the root.
+    height: levels below the root (>= 1); the leaves are level `height`.
+    branching: children per node.
+    rho: the channel's correlation, in [-1, 1].
+    root_codes: [D, branching] int {0, 1}: the bit each root value sends to each of its children.
+    """
+
+    num_classes: int
+    height: int
+    branching: int
+    rho: float
+    root_codes: np.ndarray
+
+    @property
+    def num_leaves(self) -> int:
+        """branching^height tokens."""
+        return self.branching**self.height
+
+    def level_size(self, s: int) -> int:
+        """Nodes on level s (branching^s; 1 for the root, s = 0)."""
+        return self.branching**s
+
+
+def latent_tree(num_classes: int, height: int, *, rho: float | None = None, branching: int = 2,
+                seed: int = 0) -> LatentTree:
+    """A `LatentTree` with rho = 1 - 1 / height by default (the regime of Theorem 5's 1 - H / L).
+
+    root_codes: for each child j of the root, a random half of the D root values (rounded down)
+    send 1 and the rest 0, so that each child of the root is 1 with probability about 1/2.
+
+    Raises:
+      ValueError: num_classes < 2, height < 1, branching < 2, or rho outside [-1, 1].
+    """
+    checks.integer("num_classes", num_classes, minimum=2)
+    checks.integer("tree height", height, minimum=1)
+    checks.integer("branching", branching, minimum=2)
+    rho = 1.0 - 1.0 / height if rho is None else rho
+    rho = checks.number("rho", rho, low=-1.0, high=1.0)
+    rng = np.random.default_rng(seed)
+    codes = np.zeros((num_classes, branching), np.int64)
+    for j in range(branching):
+        codes[rng.permutation(num_classes)[: num_classes // 2], j] = 1
+    return LatentTree(num_classes, height, branching, rho, codes)
+
+
+def sample_latent_tree(key: jax.Array, tree: LatentTree, num: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`num` draws of the tree, top down.
+
+    Returns:
+      (labels [num] int32 (the root), levels: a tuple of `height` bool arrays, level s = 1..height of
+       shape [num, branching^s]; the last one is the leaves, the tokens present).
+    """
+    checks.integer("num", num, minimum=1)
+    labels, levels = _sample_latent_tree(key, jnp.asarray(tree.root_codes, bool), jnp.float32(tree.rho), num,
+                                         tree.height, tree.branching)
+    return labels, tuple(levels)
+
+
+def _sample_latent_tree_impl(key, codes, rho, num, height, branching):
+    keys = jax.random.split(key, height + 1)
+    labels = jax.random.randint(keys[0], (num,), 0, codes.shape[0])
+    parent = codes[labels]  # [num, branching]: the bits the root sends to its children
+    levels = []
+    for s in range(1, height + 1):
+        if s > 1:
+            parent = jnp.repeat(levels[-1], branching, axis=1)
+        levels.append(parent ^ jax.random.bernoulli(keys[s], (1.0 - rho) / 2.0, parent.shape))
+    return labels.astype(jnp.int32), levels
+
+
+_sample_latent_tree = jax.jit(_sample_latent_tree_impl, static_argnums=(3, 4, 5))
+
+
+def lca_height(tree: LatentTree, leaf_a: int, leaf_b: int) -> int:
+    """How many levels above the leaves the lowest common ancestor of two leaves is (0 for the same leaf;
+    `height` when it is the root)."""
+    checks.integer("leaf_a", leaf_a, minimum=0, maximum=tree.num_leaves - 1)
+    checks.integer("leaf_b", leaf_b, minimum=0, maximum=tree.num_leaves - 1)
+    up = 0
+    while leaf_a != leaf_b:
+        leaf_a, leaf_b, up = leaf_a // tree.branching, leaf_b // tree.branching, up + 1
+    return up
+
+
+def cooccurrence_closed_form(levels_up: int | np.ndarray, rho: float) -> np.ndarray:
+    """Theorem 5's P(y_l = 1 | y_m = 1) = (1 + rho^(2H)) / 2 for two leaves whose lowest common ancestor is a
+    binary latent with P(1) = 1/2, H levels up (float64): the 2H channels between them have correlation
+    rho^(2H). With rho = 1 - 1/L it is (1 + (1 - 1/L)^(2H)) / 2 = 1 - H/L + O(H^2 / L^2).
+    """
+    h = np.asarray(levels_up, np.float64)
+    if np.any(h < 1):
+        raise ValueError(f"levels_up must be >= 1 (distinct leaves), got {levels_up!r}")
+    checks.number("rho", rho, low=-1.0, high=1.0)
+    return 0.5 * (1.0 + rho ** (2.0 * h))
+
+
+def tree_cooccurrence(tree: LatentTree, token: int, given: int) -> float:
+    """The exact P(y_token = 1 | y_given = 1) of this tree (float64), whatever the lowest common ancestor.
+
+    With a = the LCA, H levels up, P(y = 1 | a) = 1/2 + rho^H (a - 1/2) for a binary a; when a is the
+    root, the leaf under root child j has P(y = 1 | y_0) = 1/2 + rho^L (root_codes[y_0, j] - 1/2).
+    Then P(y_token = 1, y_given = 1) = E_a[P(y_token = 1 | a) P(y_given = 1 | a)] over the LCA's marginal.
+    """
+    up = lca_height(tree, token, given)
+    if up == 0:
+        return 1.0
+    rho, height, b = tree.rho, tree.height, tree.branching
+    if up == height:  # the root: average over its D values
+        p_token = 0.5 + rho**height * (tree.root_codes[:, token // b ** (height - 1)] - 0.5)
+        p_given = 0.5 + rho**height * (tree.root_codes[:, given // b ** (height - 1)] - 0.5)
+        return float(np.mean(p_token * p_given) / np.mean(p_given))
+    s = height - up  # the LCA's level (>= 1): its marginal, from the root's child above it
+    pi = 0.5 + rho**s * (np.mean(tree.root_codes[:, token // b ** (height - 1)]) - 0.5)
+    p1, p0 = 0.5 + rho**up * 0.5, 0.5 - rho**up * 0.5
+    return float((pi * p1**2 + (1 - pi) * p0**2) / (pi * p1 + (1 - pi) * p0))
+
+
+def tokens_to_sequences(present: jax.Array, seq_len: int, pad_id: int) -> jax.Array:
+    """Sequences of the tokens present: [N, V] bool -> [N, seq_len] int32, each row's present token ids in
+    ascending order at the end, pre-padded with `pad_id`.
+
+    Raises:
+      ValueError: seq_len smaller than V (a row could not hold every token).
+    """
+    num_tokens = present.shape[-1]
+    checks.integer("seq_len", seq_len, minimum=max(1, num_tokens))
+    ids = jnp.where(present, jnp.arange(num_tokens), -1)
+    ids = jnp.sort(ids, axis=-1)  # absent (-1) first, present ascending at the end
+    ids = jnp.concatenate([jnp.full(present.shape[:-1] + (seq_len - num_tokens,), -1, ids.dtype), ids], axis=-1)
+    return jnp.where(ids < 0, pad_id, ids).astype(jnp.int32)
+
+
+class CompositionTree(NamedTuple):
+    """The public JoMA code's deterministic composition tree (its Table 1 data), built once from a seed.
+
+    Level 0 is the vocabulary of M - 1 tokens (id M - 1 pads); a latent of level s >= 1 is a unique
+    random subset of size combinations[s - 1] of the latents of level s - 1, and the top level's
+    latents are the classes. A sequence of class y holds, in ascending order and pre-padded to length
+    L, every token reached from y by taking the union of the subsets level by level down.
+
+    num_tokens: M, including the padding token M - 1.
+    seq_len: L.
+    children: one [n_s, combinations[s - 1]] int array per level s = 1..S (sorted rows): indices into level s - 1.
+    """
+
+    num_tokens: int
+    seq_len: int
+    children: tuple[np.ndarray, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return self.children[-1].shape[0]
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """(M - 1, n_1, ..., n_S): the sizes of levels 0..S."""
+        return (self.num_tokens - 1,) + tuple(c.shape[0] for c in self.children)
+
+    def membership(self, s: int) -> np.ndarray:
+        """[n_s, n_{s-1}] bool: latent a of level s contains latent b of level s - 1."""
+        out = np.zeros((self.level_sizes[s], self.level_sizes[s - 1]), bool)
+        np.put_along_axis(out, self.children[s - 1], True, axis=1)
+        return out
+
+
+def composition_tree(num_tokens: int, seq_len: int, levels: list[int] | tuple[int, ...],
+                     combinations: list[int] | tuple[int, ...], seed: int = 0
+                     ) -> CompositionTree:
+    """Builds a `CompositionTree` with levels[s] latents on level s + 1 (the last = the classes), each a unique
+    random subset of size combinations[s] of the level below (the public code's `num_tokens`,
+    `num_combinations`; its Table 1: M = 100, L = 30, levels [10, 20, classes] or [20, 30, classes],
+    combinations [2, 2, 2] or [3, 3, 3]).
+
+    Raises:
+      ValueError: tree height (len(levels)) < 1, lengths that differ, a level with fewer than one latent,
+        combinations < 1 or larger than the level below, fewer distinct subsets than latents asked for,
+        num_tokens < 3, or a class with more tokens than seq_len.
+    """
+    from math import comb
+
+    levels, combinations = list(levels), list(combinations)
+    if len(levels) < 1:
+        raise ValueError(f"tree height must be >= 1 (at least one level of latents), got levels={levels}")
+    if len(combinations) != len(levels):
+        raise ValueError(f"combinations {combinations} must have one entry per level {levels}")
+    checks.integer("num_tokens", num_tokens, minimum=3)
+    checks.integer("seq_len", seq_len, minimum=1)
+    rng = np.random.default_rng(seed)
+    below = num_tokens - 1
+    children = []
+    for s, (n, c) in enumerate(zip(levels, combinations)):
+        checks.integer(f"levels[{s}]", n, minimum=1)
+        checks.integer(f"combinations[{s}]", c, minimum=1)
+        if c > below:
+            raise ValueError(f"combinations[{s}]={c} is larger than the level below it ({below} latents)")
+        if comb(below, c) < n:
+            raise ValueError(f"levels[{s}]={n} unique subsets of size {c} do not exist among {below} latents "
+                             f"({comb(below, c)} do)")
+        seen: set[tuple[int, ...]] = set()
+        rows = []
+        while len(rows) < n:
+            subset = tuple(sorted(rng.choice(below, c, replace=False).tolist()))
+            if subset not in seen:
+                seen.add(subset)
+                rows.append(subset)
+        children.append(np.asarray(rows, np.int64))
+        below = n
+    tree = CompositionTree(num_tokens, seq_len, tuple(children))
+    most = int(_composition_active(tree, np.eye(tree.num_classes, dtype=bool))[0].sum(1).max())
+    if most > seq_len:
+        raise ValueError(f"seq_len={seq_len} cannot hold a class with {most} tokens")
+    return tree
+
+
+def _composition_active(tree: CompositionTree, top: np.ndarray | jax.Array) -> list:
+    """Active latents of levels 0..S (bottom first) from the top level's [N, n_S] indicator (NumPy or JAX)."""
+    xp = jnp if isinstance(top, jax.Array) else np
+    active = [top]
+    for s in range(len(tree.children), 0, -1):
+        member = xp.asarray(tree.membership(s), xp.float32)
+        active.append((xp.asarray(active[-1], xp.float32) @ member) > 0)
+    return active[::-1]
+
+
+def sample_composition_tree(key: jax.Array, tree: CompositionTree, num: int
+                            ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """`num` sequences of uniformly drawn classes.
+
+    Returns:
+      (tokens [num, L] int32: each class's tokens ascending at the end, pre-padded with M - 1;
+       labels [num] int32;
+       active: a tuple of S bool arrays, level s = 1..S of shape [num, n_s]: which latents of that level
+       the sequence's class reaches (the last one is the label's one-hot)).
+    """
+    checks.integer("num", num, minimum=1)
+    labels = jax.random.randint(key, (num,), 0, tree.num_classes)
+    active = _composition_active(tree, jax.nn.one_hot(labels, tree.num_classes, dtype=bool))
+    present = jnp.pad(active[0], ((0, 0), (0, 1)))  # the padding token is never present
+    tokens = tokens_to_sequences(present, max(tree.seq_len, tree.num_tokens), tree.num_tokens - 1)[:, -tree.seq_len:]
+    return tokens, labels.astype(jnp.int32), tuple(active[1:])

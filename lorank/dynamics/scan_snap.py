@@ -399,6 +399,7 @@ def sweep(problem: Problem, run: RunConfig, eta_y: jax.Array, eta_z: jax.Array, 
     """
     if chunk_size is not None:
         checks.integer("chunk_size", chunk_size, minimum=1)
+        chunk_size = None if chunk_size >= jnp.shape(eta_y)[0] else chunk_size
     return _swept(check_run(run), stacked, chunk_size)(problem, eta_y, eta_z, keys)
 
 
