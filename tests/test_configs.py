@@ -172,6 +172,42 @@ def _bench_scan_snap(out):
             "speedup is a positive ratio": (out["speedup"], 0.05, 1e4)}
 
 
+def _scan_snap_text_train(out):
+    first, last = out["initial_entropy"], out["final_entropy"]
+    return {"measurements at steps 0, 50, 100, 150, 200": (float(out["steps"] == [0, 50, 100, 150, 200]), 1, 1),
+            "initial lowest-layer entropy / uniform (near-uniform attention at init)": (
+                first[0] / out["uniform_entropy"], 0.95, 1.0 + 1e-6),
+            "lowest-layer entropy drop, nats": (first[0] - last[0], 0.15, 2.0),
+            "lowest-layer 90%-mass support falls": (out["initial_support"][0] - out["final_support"][0], 1.0, 15.0),
+            "held-out loss drop, nats/token": (out["initial_eval_loss"] - out["final_eval_loss"], 1.5, 4.0),
+            "final train loss below initial": (out["initial_train_loss"] - out["final_train_loss"], 1.5, 4.0),
+            "entropies in [0, uniform]": (float(all(0 <= e <= out["uniform_entropy"] + 1e-5
+                                                    for curve in out["entropy"] for e in curve)), 1, 1),
+            "no skipped steps": (out["skipped"], 0, 0)}
+
+
+def _scan_snap_text_one_layer(out):
+    return {**_scan_snap_text_train(out), "one layer": (len(out["entropy"]), 1, 1)}
+
+
+def _scan_snap_text_three_layer(out):
+    return {**_scan_snap_text_train(out), "three layers": (len(out["entropy"]), 3, 3)}
+
+
+def _scan_snap_text_lr_sweep(out):
+    per_lr = out["per_lr"]
+    lr5 = per_lr["5.0"]
+    return {"learning rates swept": (len(out["lrs"]), 3, 3),
+            "seeds per lr": (len(lr5["nonfinite_steps"]), 2, 2),
+            "lr 5: lowest-layer entropy drop (median over seeds), nats": (
+                lr5["initial_entropy_median"][0] - lr5["final_entropy_median"][0], 0.1, 2.0),
+            "lr 1 keeps more entropy than lr 5": (
+                per_lr["1.0"]["final_entropy_median"][0] - lr5["final_entropy_median"][0], 0.05, 2.0),
+            "lr 1 and 5: held-out loss falls": (min(per_lr[k]["initial_eval_loss_median"]
+                                                    - per_lr[k]["final_eval_loss_median"] for k in ("1.0", "5.0")),
+                                                0.5, 4.0)}
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -185,6 +221,9 @@ HEADLINES = {
     "dynamics:bench_smoke": _bench_dynamics,
     "scan_snap:all_smoke": _scan_snap,
     "scan_snap:bench_smoke": _bench_scan_snap,
+    "scan_snap_text:one_layer_smoke": _scan_snap_text_one_layer,
+    "scan_snap_text:three_layer_smoke": _scan_snap_text_three_layer,
+    "scan_snap_text:lr_sweep_smoke": _scan_snap_text_lr_sweep,
 }
 
 
