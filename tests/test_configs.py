@@ -208,6 +208,43 @@ def _scan_snap_text_lr_sweep(out):
                                                 0.5, 4.0)}
 
 
+def _joma(out):
+    toy, exact = out["invariants"]["T=0.5"], out["invariants"]["exact"]
+    zero = out["linear"]["starts"]["init_scale=0"]
+    nonlinear, nodes, tree = out["nonlinear"], out["nodes"]["sum"], out["hierarchy"]
+    return {
+        "Theorem 1 (softmax toy): min over training of NC(z, z_hat)": (toy["corr_min"], 0.99, 1.0),
+        "Theorem 1 (softmax toy): max |z(T) - z(0)|": (toy["z_change_max"], 1.0, 10.0),
+        "Theorem 1 (softmax toy): NC gain of the second term at the end": (
+            toy["corr_end"] - toy["corr_term1_end"], 1e-3, 0.1),
+        "Theorem 1 (exp): SGD's discrete identity": (exact["exp"]["sgd_residual_max"], 0.0, 1e-4),
+        "Theorem 1 (linear): SGD's discrete identity": (exact["linear"]["sgd_residual_max"], 0.0, 1e-4),
+        "Theorem 1 (exp): gap without the per-step squares": (exact["exp"]["sgd_without_squares_max"], 1e-4, 1e3),
+        "Theorem 1 (exp): gradient flow error": (exact["exp"]["flow_error_max"], 0.0, 1e-4),
+        "Theorem 1 (exp): gradient flow moved z": (exact["exp"]["flow_change_max"], 0.5, 10.0),
+        "stable rank of V at the end of the toy run (5.2 at the start)": (toy["stable_rank_end"], 1.0, 1.2),
+        "Theorem 2: deviation of erf(v/sqrt 2)/Delta from sqrt(2/pi) tau": (zero["invariant_max_deviation"], 0.0, 1e-4),
+        "Theorem 2: spread of erf(v/2)/Delta (not conserved)": (zero["spread_erf_half"], 0.05, 10.0),
+        "Theorem 2: the salient token is the largest |Delta|": (
+            float(zero["salient_token"] == zero["largest_abs_delta"]), 1, 1),
+        "Theorem 2: |v| of the salient token at the end": (zero["salient_final_abs_v"], 30.0, 1e6),
+        "Theorem 2: the others at their predicted limits": (zero["others_max_abs_error_to_limit"], 0.0, 1e-3),
+        "Theorem 2: attention entropy at the end (sparse)": (zero["entropy_end"], 0.0, 1e-3),
+        "Theorems 3-4: fitted rate ratios vs exp(mu_j^2/2) / exp(mu_k^2/2)": (
+            nonlinear["ratio_max_rel_error"], 0.0, 0.02),
+        "Theorems 3-4: entropy fall (public code's setting)": (nonlinear["code_bounce"]["fall"], 0.5, 2.3),
+        "Theorems 3-4: entropy bounce back (public code's setting)": (nonlinear["code_bounce"]["rise"], 0.2, 1.0),
+        "K > 1: stable rank of V from 0, first save": (nodes["zero_start_first"], 1.5, 4.0),
+        "K > 1: largest stable rank at the end": (nodes["end_max"], 0.999, 1.01),
+        "K > 1: stable rank from V(0) = 0 never rises": (float(nodes["zero_start_never_rises"]), 1, 1),
+        "Theorem 5: P(y_l = 1 | y_m = 1) at H = 1 ((1 + 0.75^2) / 2 = 0.78125)": (
+            tree["by_h"]["1"]["empirical_mean"], 0.77, 0.79),
+        "Theorem 5: largest |z| of a pair against the exact co-occurrence": (tree["max_abs_z"], 0.0, 5.5),
+        "composition tree: level sizes [99, 10, 20, 10]": (
+            float(tree["composition"]["level_sizes"] == [99, 10, 20, 10]), 1, 1),
+    }
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -224,6 +261,7 @@ HEADLINES = {
     "scan_snap_text:one_layer_smoke": _scan_snap_text_one_layer,
     "scan_snap_text:three_layer_smoke": _scan_snap_text_three_layer,
     "scan_snap_text:lr_sweep_smoke": _scan_snap_text_lr_sweep,
+    "joma:all_smoke": _joma,
 }
 
 

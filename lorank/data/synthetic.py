@@ -2,6 +2,10 @@
 
 `SeqWorld`, `seq_world` and `sample_sequences`: the sequence classes of Scan&Snap (a query, a
 next token, contextual tokens common to several classes or distinct to one).
+`joma_toy`: JoMA's toy of token frequencies per class. `LatentTree`, `latent_tree`,
+`sample_latent_tree` and `cooccurrence_closed_form`: JoMA's stochastic hierarchical binary latent
+tree (Theorem 5); `CompositionTree`, `composition_tree` and `sample_composition_tree`: the public
+code's deterministic composition tree (Table 1).
 `simplex_centers` and `cluster_views`: a mixture of clusters at the vertices of a
 regular simplex seen through two augmented views (the one-layer nonlinear
 contrastive dynamics); `cluster_mixture` builds one from a config's numbers.
