@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib, cli
-from experiments import scan_snap as figures
 from lorank.dynamics import scan_snap as ss
+from lorank.train import scan_snap_runs
 
 
 def loop_functions(run: ss.RunConfig):
@@ -40,7 +40,7 @@ def loop_entropies(functions, problems: ss.Problem, run: ss.RunConfig, eta_y, et
     init, step = functions
     out = []
     for r in runs:
-        p = figures.take(problems, r)
+        p = scan_snap_runs.take(problems, r)
         carry = init(p, eta_y[r], eta_z[r], keys[r])
         for i in range(run.steps):
             carry = step(p, eta_y[r], eta_z[r], keys[r], carry, jnp.int32(i))
@@ -53,7 +53,7 @@ def loop_entropies(functions, problems: ss.Problem, run: ss.RunConfig, eta_y, et
 def sweep_entropies(problems: ss.Problem, run: ss.RunConfig, eta_y, eta_z, keys, chunk_size) -> np.ndarray:
     _, rec = ss.sweep(problems, run, jnp.asarray(eta_y), jnp.asarray(eta_z), keys, stacked=True,
                       chunk_size=chunk_size)
-    return figures.final_distinct_entropy(rec, problems)
+    return scan_snap_runs.final_distinct_entropy(rec, problems)
 
 
 def timed(fn):
@@ -66,8 +66,8 @@ def run(config, workdir, log=print) -> dict:
     """Times both contenders on the sweep of `config`; writes bench_scan_snap.json; returns the results."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    problems, eta_y, eta_z, keys, labels = figures.syn_medium_runs(config)
-    run_cfg = figures.run_config(config)
+    problems, eta_y, eta_z, keys, labels = scan_snap_runs.syn_medium_runs(config)
+    run_cfg = scan_snap_runs.run_config(config)
     total = len(labels)
     # Loop runs spread over the grid (every problem size), the same in every round.
     loop_runs = np.linspace(0, total - 1, min(config.loop_runs, total)).round().astype(int).tolist()

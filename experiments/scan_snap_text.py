@@ -41,30 +41,18 @@ from experiments import benchlib, cli
 from lorank import checks
 from lorank.analysis import attention as attn_stats
 from lorank.analysis import curves, plots
-from lorank.data import lm_sources
 from lorank.models import attention as attention_model
-from lorank.train import lm, loop, mesh as mesh_lib
+from lorank.train import attention_lm, loop, mesh as mesh_lib
 
 DOCS_MD = benchlib.REPO_ROOT / "docs" / "scan_snap.md"
 FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 RESULTS_FILE = "scan_snap_text.json"
 SWEEP_FILE = "lr_sweep.json"
 SWEEP_DIR = "lr_sweep"
-SNAPSHOT_DIR = "attention"
-# metric name prefixes (+ layer index): mean entropy, mass support, mass on the own and on the previous position
-ENTROPY, SUPPORT, SELF, PREVIOUS = "attn_entropy/layer_", "attn_support/layer_", "attn_self/layer_", "attn_prev/layer_"
-METRICS = {"entropy": ENTROPY, "support": SUPPORT, "self": SELF, "previous": PREVIOUS}
 EXPERIMENTS = ("train", "lr_sweep")
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-
-def build_model(config) -> attention_model.Transformer:
-    """The model of `config.model`, checked against `config.data.seq_len`."""
-    if config.data.seq_len > config.model.max_len:
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
-    return attention_model.Transformer(attention_model.TransformerConfig(**config.model.to_dict()))
 
 
 def optimizer(optim_config, lr: Any = None) -> optax.GradientTransformation:
@@ -78,57 +66,16 @@ def optimizer(optim_config, lr: Any = None) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), sgd) if o.clip_norm > 0 else sgd
 
 
-def dropout_loss(model: attention_model.Transformer, pad_id: int | None = None) -> Callable:
-    """(params, sequences int [B, T+1], key) -> mean next-token cross-entropy with dropout from `key`."""
-
-    def loss_fn(params, sequences, key):
-        logits = model.apply({"params": params}, sequences[:, :-1], deterministic=False, rngs={"dropout": key})
-        return lm.mean_cross_entropy(logits, sequences[:, 1:], pad_id)
-
-    return loss_fn
-
-
-def attention_stats(model: attention_model.Transformer, tokens: jax.Array, *, mass: float,
-                    skip_first: int) -> Callable[[Any], dict[str, jax.Array]]:
-    """params -> {"entropy", "support", "self", "previous": [L], "maps": [L, R, H, T, T], "loss": []} on
-    held-out `tokens` [R, T+1].
-
-    Entropy, mass support and the mass on the query's own and previous position are
-    `lorank.analysis.attention`'s means over rows, batch and heads (causal or not as the
-    model); the loss is the deterministic next-token loss.
-    """
-    causal = model.cfg.causal
-
-    def stats(params):
-        logits, maps = attention_model.apply_with_attention(model, params, tokens[:, :-1])
-        return {"entropy": jnp.stack([attn_stats.mean_entropy(m, causal, skip_first) for m in maps]),
-                "support": jnp.stack([attn_stats.mean_mass_support(m, mass, causal, skip_first) for m in maps]),
-                "self": jnp.stack([attn_stats.diagonal_mass(m, 0, skip_first) for m in maps]),
-                "previous": jnp.stack([attn_stats.diagonal_mass(m, 1, skip_first) for m in maps]),
-                "maps": jnp.stack(maps), "loss": lm.mean_cross_entropy(logits, tokens[:, 1:])}
-
-    return stats
-
-
 def check_config(config) -> None:
-    """Refuses a config whose analysis cannot run, before anything is read or trained.
+    """Refuses a config that cannot run, before anything is read or trained.
 
     Raises:
-      ValueError: an unknown experiment, snapshot steps outside [0, steps] or off the
-        measurement grid, too few held-out rows, a bad mass or learning rate list.
+      ValueError: an unknown experiment, a bad analysis section (`attention_lm.check_analysis`), or a
+        bad learning-rate list.
     """
     checks.one_of("experiment", config.experiment, EXPERIMENTS)
-    a, steps = config.analysis, config.train.steps
-    checks.integer("analysis.every", a.every, minimum=1)
-    checks.integer("analysis.eval_rows", a.eval_rows, minimum=1)
-    checks.integer("analysis.snapshot_rows", a.snapshot_rows, minimum=1, maximum=a.eval_rows)
-    checks.integer("analysis.skip_first", a.skip_first, minimum=0, maximum=config.data.seq_len - 1)
-    checks.number("analysis.mass", a.mass, low=0.0, high=1.0, low_open=True)
-    for s in a.snapshot_steps:
-        checks.integer("analysis.snapshot_steps entry", s, minimum=0, maximum=steps)
-        if s % a.every and s != steps:
-            raise ValueError(f"analysis.snapshot_steps holds {s}, which is not a multiple of analysis.every="
-                             f"{a.every} (nor the last step {steps}): the attention is measured only there")
+    attention_lm.check_analysis(config)
+    steps = config.train.steps
     if config.experiment == "lr_sweep":
         if not config.sweep.lrs:
             raise ValueError("sweep.lrs is empty: give the learning rates to sweep")
@@ -138,88 +85,14 @@ def check_config(config) -> None:
         checks.integer("sweep.eval_every", config.sweep.eval_every, minimum=1, maximum=steps)
 
 
-def load_data(config, batch_size: int, num_val: int) -> tuple[lm_sources.LMData, np.ndarray]:
-    """(the data of `config.data`, the held-out batch int32 [analysis.eval_rows, seq_len + 1])."""
-    tokenizer = lm_sources.load_tokenizer(config.data, config.model.vocab_size)
-    data = lm_sources.load_lm_data(config.data, tokenizer, batch_size=batch_size,
-                                   num_val=max(num_val, config.analysis.eval_rows))
-    rows = config.analysis.eval_rows
-    if len(data.val) < rows:
-        raise ValueError(f"the held-out data holds {len(data.val)} sequences of {config.data.seq_len + 1} tokens, "
-                         f"fewer than analysis.eval_rows={rows}")
-    return data, np.asarray(data.val[:rows])
-
-
 # ----------------------------------------------------------------------------- one run through the loop
-
-
-def attention_evaluator(stats_fn: Callable, every: int, snapshot_steps: tuple[int, ...], snapshot_rows: int,
-                        workdir: str, tokens: np.ndarray) -> loop.Evaluator:
-    """Per-layer entropy, mass support and own / previous position mass every `every` steps.
-
-    At `snapshot_steps` process 0 also writes the maps of the first `snapshot_rows` held-out
-    sequences to workdir/attention/step_N.npz (maps float32 [L, rows, H, T, T], tokens int32
-    [rows, T + 1]).
-    """
-    directory = pathlib.Path(workdir, SNAPSHOT_DIR)
-
-    def make(mesh):
-        jitted = jax.jit(stats_fn)
-
-        def evaluate(state):
-            out = jax.device_get(jitted(state.params))
-            step = int(jax.device_get(state.step))
-            if step in snapshot_steps and loop.is_primary():
-                directory.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(directory / f"step_{step}.npz", maps=out["maps"][:, :snapshot_rows],
-                                    tokens=tokens[:snapshot_rows])
-            return {f"{prefix}{i}": float(v) for name, prefix in METRICS.items() for i, v in enumerate(out[name])}
-
-        return evaluate
-
-    return loop.Evaluator(every, make)
-
-
-def make_task(config, model, data: lm_sources.LMData, held_out: np.ndarray, loop_config: loop.LoopConfig,
-              workdir: str) -> loop.Task:
-    """The loop's task: next-token loss with dropout, held-out loss and the attention evaluator."""
-    seq_len, micro = config.data.seq_len, loop_config.micro_batch
-    loss_fn = dropout_loss(model, data.pad_id)
-    usable = min(len(data.val) // micro, config.train.eval_batches) * micro
-    if usable == 0:
-        raise ValueError(f"the held-out data gives {len(data.val)} sequences, fewer than the micro-batch {micro}")
-    eval_loss = lm.next_token_loss(model, data.pad_id)
-    a = config.analysis
-    stats = attention_stats(model, jnp.asarray(held_out), mass=a.mass, skip_first=a.skip_first)
-    evaluators = (loop.mean_loss_evaluator(lambda params, extra, batch: eval_loss(params, batch), data.val[:usable],
-                                           micro, loop_config.eval_every),
-                  attention_evaluator(stats, a.every, tuple(a.snapshot_steps), a.snapshot_rows, workdir, held_out))
-    return loop.Task(init_params=lambda key: attention_model.init_params(model, key, seq_len),
-                     loss_fn=lambda params, extra, batch, rng: (loss_fn(params, batch, rng), {}),
-                     train_batch=data.train_batch, evaluators=evaluators,
-                     items_per_step=loop_config.batch_size * seq_len, item_name="tokens",
-                     axis_rules=attention_model.FAMILY.axis_rules,
-                     resume_sections=("model", "data", "train", "optim", "analysis"))
-
-
-def curves_of(records: list[dict], num_layers: int) -> dict[str, Any]:
-    """{"steps": [E], "entropy", "support", "self", "previous": [L][E], "eval_steps", "eval_loss", "train_steps",
-    "train_loss"} of a run's metrics records (the evaluations that hold the attention metrics)."""
-    rows = [r for r in records if f"{ENTROPY}0" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    trains = [r for r in records if "loss" in r]
-    return {"steps": [r["step"] for r in rows],
-            **{name: [[r[f"{prefix}{i}"] for r in rows] for i in range(num_layers)]
-               for name, prefix in METRICS.items()},
-            "eval_steps": [r["step"] for r in evals], "eval_loss": [r["eval_loss"] for r in evals],
-            "train_steps": [r["step"] for r in trains], "train_loss": [r["loss"] for r in trains]}
 
 
 def load_snapshots(workdir: str, steps: tuple[int, ...]) -> dict[int, np.ndarray]:
     """{step: lowest layer's maps of the first held-out sequence, [H, T, T]} for the snapshots present."""
     out = {}
     for s in steps:
-        path = pathlib.Path(workdir, SNAPSHOT_DIR, f"step_{s}.npz")
+        path = pathlib.Path(workdir, attention_lm.SNAPSHOT_DIR, f"step_{s}.npz")
         if path.exists():
             with np.load(path) as f:
                 out[s] = f["maps"][0, 0]
@@ -293,31 +166,23 @@ def run_docs_body(result: dict, table_steps: tuple[int, ...]) -> str:
             f"{result['skipped']} steps skipped as non-finite; {result['seconds']:.0f} s of training.\n")
 
 
-def data_name(config) -> str:
-    """What the run trains on, for titles: the corpus files or tfds dataset, and the tokenizer."""
-    d = config.data
-    if d.source == "tfds":
-        source = d.tfds_name
-    else:
-        source = ", ".join(os.path.basename(p) for p in d.corpus.split(",") if p) or "Tiny Shakespeare (embedded)"
-    return f"{source}, {'bytes' if d.tokenizer == 'byte' else os.path.basename(d.tokenizer)}"
-
-
 def run_training(config, workdir: str, *, stop_at: int | None = None, log=print) -> dict[str, Any]:
     """One run through the loop (resumable); returns the entropy curves and the headline numbers."""
-    model = build_model(config)
+    model = attention_lm.build_model(config)
     loop_config = loop.LoopConfig.from_config(config.train)
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     loop.check_batch_divides_mesh(loop_config, mesh)
     tx = optimizer(config.optim)
-    data, held_out = load_data(config, loop_config.batch_size, config.train.eval_batches * loop_config.micro_batch)
-    task = make_task(config, model, data, held_out, loop_config, workdir)
+    num_val = config.train.eval_batches * loop_config.micro_batch
+    data, held_out = attention_lm.load_data(config, loop_config.batch_size, num_val)
+    task = attention_lm.make_task(config, model, data, held_out, loop_config, workdir)
     log(f"{model.cfg.num_layers}-layer transformer, width {model.cfg.width}, {model.cfg.num_heads} head(s) | "
         f"data: {data.description} | SGD lr {config.optim.lr}, clip {config.optim.clip_norm}")
     start = time.perf_counter()
     state, _ = loop.run(task, tx, loop_config, mesh, workdir, config=config, stop_at=stop_at, log=log)
     seconds = time.perf_counter() - start
-    result = curves_of(curves.read_metrics(os.path.join(workdir, loop.METRICS_FILE)), model.cfg.num_layers)
+    records = curves.read_metrics(os.path.join(workdir, loop.METRICS_FILE))
+    result = attention_lm.curves_of(records, model.cfg.num_layers)
     a, t = config.analysis, config.data.seq_len
     result.update(
         variant=config.variant, steps_done=int(jax.device_get(state.step)), skipped=int(jax.device_get(state.skipped)),
@@ -332,7 +197,7 @@ def run_training(config, workdir: str, *, stop_at: int | None = None, log=print)
         return result
     pathlib.Path(workdir, RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n")
     figure = pathlib.Path(workdir, f"scan_snap_text_{config.variant}.png")
-    title = (f"{model.cfg.num_layers}-layer transformer (width {model.cfg.width}) on {data_name(config)}: "
+    title = (f"{model.cfg.num_layers}-layer transformer (width {model.cfg.width}) on {attention_lm.data_name(config)}: "
              f"SGD lr {config.optim.lr:g}, clip {config.optim.clip_norm:g}")
     draw_run(result, load_snapshots(workdir, tuple(a.snapshot_steps)), title, figure)
     body = run_docs_body(result, tuple(a.snapshot_steps))
@@ -368,9 +233,9 @@ def sweep_program(config, model: attention_model.Transformer, held_out: np.ndarr
     as in the loop. Seed s uses key fold_in(key(train.seed), s) for its initialization and
     fold_in(that key, step) for the dropout of each step; every seed sees the same batches.
     """
-    loss_fn = dropout_loss(model, pad_id)
+    loss_fn = attention_lm.dropout_loss(model, pad_id)
     a = config.analysis
-    stats = attention_stats(model, jnp.asarray(held_out), mass=a.mass, skip_first=a.skip_first)
+    stats = attention_lm.attention_stats(model, jnp.asarray(held_out), mass=a.mass, skip_first=a.skip_first)
 
     def init_one(key):
         params = nn.unbox(attention_model.init_params(model, key, config.data.seq_len))
@@ -522,8 +387,8 @@ def sweep_docs_body(summary: dict, num_seeds: int) -> str:
 def run_sweep(config, workdir: str, log=print) -> dict[str, Any]:
     """The learning-rate sweep; returns `sweep_summary` plus the raw records."""
     loop.check_workdir_config(config, workdir, ("model", "data", "train", "optim", "analysis", "sweep"))
-    model = build_model(config)
-    data, held_out = load_data(config, config.train.batch_size, config.analysis.eval_rows)
+    model = attention_lm.build_model(config)
+    data, held_out = attention_lm.load_data(config, config.train.batch_size, config.analysis.eval_rows)
     program = sweep_program(config, model, held_out, data.pad_id)
     directory = pathlib.Path(workdir, SWEEP_DIR)
     directory.mkdir(parents=True, exist_ok=True)
@@ -546,7 +411,7 @@ def run_sweep(config, workdir: str, log=print) -> dict[str, Any]:
     pathlib.Path(workdir, SWEEP_FILE).write_text(json.dumps({**summary, "records": records}, indent=2) + "\n")
     figure = pathlib.Path(workdir, f"scan_snap_text_{config.variant}.png")
     title = (f"{model.cfg.num_layers}-layer transformer, width {model.cfg.width}, {config.train.steps} SGD steps "
-             f"(clip {config.optim.clip_norm:g}) on {data_name(config)}")
+             f"(clip {config.optim.clip_norm:g}) on {attention_lm.data_name(config)}")
     draw_sweep(records, summary, title, figure)
     body = sweep_docs_body(summary, config.sweep.num_seeds)
     log(body)

@@ -245,6 +245,42 @@ def _joma(out):
     }
 
 
+def _joma_text(out, depths, steps, loss_drop, up_fall):
+    """Shared checks of the JoMA real-text smoke runs (width 32, 32 bytes, Adam 1e-4)."""
+    checks = {f"depths {depths}": (float(out["depths"] == list(depths)), 1, 1),
+              f"measurements at steps {steps}": (float(all(r["steps"] == list(steps) for r in out["runs"])), 1, 1)}
+    for s, r in zip(out["summaries"], out["runs"]):
+        d = s["depth"]
+        checks[f"depth {d}: layers measured"] = (float(len(r["entropy"]) == len(r["up_srank"]) == d), 1, 1)
+        checks[f"depth {d}: held-out loss drop, nats/token (Adam 1e-4)"] = (
+            s["initial_eval_loss"] - s["final_eval_loss"], *loss_drop)
+        checks[f"depth {d}: no skipped steps"] = (s["skipped"], 0, 0)
+        checks[f"depth {d}: stable ranks in [1, 32]"] = (
+            float(all(1 - 1e-4 <= v <= 32 for name in ("up_srank", "down_srank") for c in r[name] for v in c)), 1, 1)
+        checks[f"depth {d}: entropies in [0, uniform]"] = (
+            float(all(0 <= v <= out["uniform_entropy"] + 1e-5 for c in r["entropy"] for v in c)), 1, 1)
+        for i, layer in enumerate(s["layers"]):
+            e, up = layer["entropy"], layer["up_srank"]
+            checks[f"depth {d} layer {i}: initial entropy / uniform (near-uniform attention at init)"] = (
+                e["start"] / out["uniform_entropy"], 0.95, 1.0 + 1e-6)
+            # a 32 x 32 kernel of i.i.d. U(+-1/sqrt(32)) entries: stable rank about 9 (n/4 as n grows)
+            checks[f"depth {d} layer {i}: initial up-kernel stable rank"] = (up["start"], 7.5, 11.0)
+    first = out["summaries"][0]["layers"][0]["up_srank"]
+    checks["depth 1: up-kernel stable rank falls"] = (first["start"] - first["end"], *up_fall)
+    return checks
+
+
+def _joma_text_layers(out):
+    return _joma_text(out, (1, 2), (0, 25, 50, 75, 100, 125, 150), (0.5, 1.2), (0.03, 0.5))
+
+
+def _joma_text_one_layer_long(out):
+    checks = _joma_text(out, (1,), (0, 50, 100, 150, 200, 250, 300), (1.0, 1.8), (0.2, 1.5))
+    e = out["summaries"][0]["layers"][0]["entropy"]
+    checks["depth 1: entropy falls, nats"] = (e["start"] - e["end"], 0.02, 0.3)
+    return checks
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -262,6 +298,8 @@ HEADLINES = {
     "scan_snap_text:three_layer_smoke": _scan_snap_text_three_layer,
     "scan_snap_text:lr_sweep_smoke": _scan_snap_text_lr_sweep,
     "joma:all_smoke": _joma,
+    "joma_text:layers_smoke": _joma_text_layers,
+    "joma_text:one_layer_long_smoke": _joma_text_one_layer_long,
 }
 
 
