@@ -281,6 +281,22 @@ def _joma_text_one_layer_long(out):
     return checks
 
 
+def _joma_hierarchy(out):
+    comp = out["cells"]["composition C=10 levels=[10, 20] comb=2"]
+    latent = out["cells"]["latent D=10"]
+    return {
+        "two cells": (len(out["cells"]), 2, 2),
+        "evaluations at steps 0, 20, 40": (float(comp["steps"] == [0, 20, 40]), 1, 1),
+        "composition: level-0 score": (comp["score"][0]["mean"], 0.8, 1.0),
+        "composition: level-1 score": (comp["score"][1]["mean"], 0.3, 0.7),
+        "composition: held-out loss drop": (comp["init_eval_loss"]["mean"] - comp["eval_loss"]["mean"], 0.1, 1.5),
+        "latent tree: level-0 score": (latent["score"][0]["mean"], 0.5, 0.85),
+        "latent tree: leaf-count reference above the units": (
+            latent["reference"][0]["mean"] - latent["score"][0]["mean"], 0.0, 0.5),
+        "latent tree: latents per level": (float(latent["num_latents"][:2] == [9, 3]), 1, 1),
+    }
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -300,6 +316,7 @@ HEADLINES = {
     "joma:all_smoke": _joma,
     "joma_text:layers_smoke": _joma_text_layers,
     "joma_text:one_layer_long_smoke": _joma_text_one_layer_long,
+    "joma_hierarchy:table_smoke": _joma_hierarchy,
 }
 
 
