@@ -12,6 +12,7 @@ import os
 import pathlib
 import platform
 import re
+import shutil
 import time
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import jax
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "docs" / "bench_results"
+FIGURES_DIR = REPO_ROOT / "docs" / "figures"
 
 _HEADER = """# Benchmarks
 
@@ -123,3 +125,41 @@ def write_section(name: str, command: str, body_markdown: str, results: dict[str
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": machine_description(), "date": stamp, **results}
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def publish_figure(path: pathlib.Path, name: str, body_markdown: str, command: str, figure: pathlib.Path) -> None:
+    """`write_measured_block` of block `name` in the page at `path`, and `figure` copied to
+    docs/figures/NAME.png, the file the page shows."""
+    write_measured_block(path, name, body_markdown, command)
+    FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(figure, FIGURES_DIR / f"{name}.png")
+
+
+def run_figures(config, workdir, runners: dict[str, Callable], *, order: tuple[str, ...], prefix: str,
+                doc: pathlib.Path, command: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The figure experiments' driver: `config.figure` (or every name of `order` for "all", each with its
+    sub-config `config[name]`) drawn into `workdir` by `runners[name](sub, workdir) -> {"summary", "body"}`,
+    which saves PREFIX_NAME.png there. Logs each body with its seconds; with `config.write_docs`, publishes
+    block PREFIX_NAME of `doc` under `command` with the figure; writes metrics.json; returns the summaries.
+
+    Raises:
+      ValueError: `config.figure` neither "all" nor a key of `runners`.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = order if config.figure == "all" else (config.figure,)
+    if not set(names) <= set(runners):
+        raise ValueError(f"figure={config.figure!r} must be 'all' or one of {sorted(runners)}")
+    out = {}
+    for name in names:
+        sub = config[name] if config.figure == "all" else config
+        start = time.perf_counter()
+        result = runners[name](sub, workdir)
+        result["summary"]["seconds"] = time.perf_counter() - start
+        log(f"{name}: {result['summary']['seconds']:.1f} s\n{result['body']}")
+        out[name] = result["summary"]
+        if config.write_docs:
+            block = f"{prefix}_{name}"
+            publish_figure(doc, block, result["body"], command, workdir / f"{block}.png")
+    (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    return out

@@ -12,10 +12,7 @@ docs/joma.md.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shutil
-import time
 from typing import Any
 
 import jax
@@ -28,7 +25,6 @@ from lorank.data import synthetic
 from lorank.dynamics import joma
 
 DOC = benchlib.REPO_ROOT / "docs" / "joma.md"
-FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 FIGURE_NAMES = ("invariants", "linear", "nonlinear", "nodes", "hierarchy")
 
 
@@ -499,25 +495,9 @@ RUNNERS = {"invariants": invariants, "linear": linear, "nonlinear": nonlinear, "
 
 def run(config, workdir: str, log=print) -> dict[str, Any]:
     """Draws `config.figure` (or every figure for "all") into `workdir`; returns each figure's summary."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    names = FIGURE_NAMES if config.figure == "all" else (config.figure,)
-    if not set(names) <= set(RUNNERS):
-        raise ValueError(f"figure={config.figure!r} must be 'all' or one of {sorted(RUNNERS)}")
-    out = {}
-    for name in names:
-        sub = config[name] if config.figure == "all" else config
-        start = time.perf_counter()
-        result = RUNNERS[name](sub, workdir)
-        result["summary"]["seconds"] = time.perf_counter() - start
-        log(f"{name}: {result['summary']['seconds']:.1f} s\n{result['body']}")
-        out[name] = result["summary"]
-        if config.write_docs:
-            command = f"python -m experiments.joma --config configs/joma.py:{config.figure} --workdir runs/joma"
-            benchlib.write_measured_block(DOC, f"joma_{name}", result["body"], command)
-            shutil.copyfile(workdir / f"joma_{name}.png", FIGURES / f"joma_{name}.png")
-    (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
-    return out
+    command = f"python -m experiments.joma --config configs/joma.py:{config.figure} --workdir runs/joma"
+    return benchlib.run_figures(config, workdir, RUNNERS, order=FIGURE_NAMES, prefix="joma", doc=DOC,
+                                command=command, log=log)
 
 
 if __name__ == "__main__":

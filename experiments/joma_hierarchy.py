@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import time
 from typing import Any, Callable
 
@@ -46,7 +45,6 @@ from lorank.models import attention as attention_model
 from lorank.train import loop
 
 DOC = benchlib.REPO_ROOT / "docs" / "joma.md"
-FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 BLOCK = "joma_table1"
 RESULTS_FILE = "joma_hierarchy.json"
 GROUPS_DIR = "groups"
@@ -595,9 +593,7 @@ def write_docs(config, body: str, figure: pathlib.Path) -> None:
     name = block_name(config.variant)
     command = (f"python -m experiments.joma_hierarchy --config configs/joma_hierarchy.py:{config.variant} "
                f"--workdir runs/{name}")
-    benchlib.write_measured_block(DOC, name, body, command)
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(figure, FIGURES / f"{name}.png")
+    benchlib.publish_figure(DOC, name, body, command, figure)
 
 
 def check_workdir(config, workdir: str) -> None:

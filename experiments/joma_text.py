@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import time
 from typing import Any, Callable
 
@@ -43,7 +42,6 @@ from lorank.data import lm_sources
 from lorank.train import attention_lm, loop, mesh as mesh_lib
 
 DOCS_MD = benchlib.REPO_ROOT / "docs" / "joma.md"
-FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 RESULTS_FILE = "joma_text.json"
 SECONDS_FILE = "train_seconds.json"  # per depth workdir: seconds spent in the loop, summed over (resumed) calls
 # metric name prefixes (+ layer index): stable rank of the MLP's lower (up) and upper (down) kernel
@@ -281,19 +279,12 @@ def docs_body(summaries: list[dict], uniform_entropy: float, threshold: float) -
             f"non-finite; {seconds:.0f} s in the training loop in all (compilation and measurements included).\n")
 
 
-def data_name(config) -> str:
-    """What the runs train on, for titles."""
-    return attention_lm.data_name(config)
-
-
 def write_docs(config, body: str, figure: pathlib.Path) -> None:
     """This variant's block of docs/joma.md (under its command and machine) and its figure."""
     name = config.variant.removesuffix("_smoke")
     command = (f"python -m experiments.joma_text --config configs/joma_text.py:{config.variant} "
                f"--workdir runs/joma_text_{name}")
-    benchlib.write_measured_block(DOCS_MD, f"joma_text_{name}", body, command)
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(figure, FIGURES / f"joma_text_{name}.png")
+    benchlib.publish_figure(DOCS_MD, f"joma_text_{name}", body, command, figure)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -321,7 +312,7 @@ def run(config, workdir: str, *, stop_at: int | None = None, log=print) -> dict[
     pathlib.Path(workdir, RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
     figure = pathlib.Path(workdir, f"joma_text_{config.variant}.png")
     o = config.optim
-    title = (f"width-{config.model.width} transformers on {data_name(config)}: Adam lr {o.lr:g}, "
+    title = (f"width-{config.model.width} transformers on {attention_lm.data_name(config)}: Adam lr {o.lr:g}, "
              f"clip {o.clip_norm:g}, {config.train.steps} steps of {config.train.batch_size} x {config.data.seq_len}")
     draw(results, uniform, title, figure)
     body = docs_body(summaries, uniform, a.bounce_nats)

@@ -10,9 +10,7 @@ docs/figures/scan_snap_*.png and the measured numbers into docs/scan_snap.md.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -27,7 +25,6 @@ from lorank.dynamics import scan_snap as ss
 from lorank.train.scan_snap_runs import final_distinct_entropy, keys, run_config, syn_medium_runs, take, world_of
 
 DOC = benchlib.REPO_ROOT / "docs" / "scan_snap.md"
-FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 FIGURE_NAMES = ("syn_small", "chi", "h", "b", "syn_medium")
 
 
@@ -269,27 +266,9 @@ RUNNERS = {"syn_small": syn_small, "chi": chi_figure, "h": h_figure, "b": b_figu
 
 def run(config, workdir: str, log=print) -> dict[str, Any]:
     """Draws `config.figure` (or every figure for "all") into `workdir`; returns each figure's summary."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    names = FIGURE_NAMES if config.figure == "all" else (config.figure,)
-    if not set(names) <= set(RUNNERS):
-        raise ValueError(f"figure={config.figure!r} must be 'all' or one of {sorted(RUNNERS)}")
-    out = {}
-    for name in names:
-        sub = config[name] if config.figure == "all" else config
-        start = time.perf_counter()
-        result = RUNNERS[name](sub, workdir)
-        result["summary"]["seconds"] = time.perf_counter() - start
-        log(f"{name}: {result['summary']['seconds']:.1f} s\n{result['body']}")
-        out[name] = result["summary"]
-        if config.write_docs:
-            variant = config.figure
-            command = (f"python -m experiments.scan_snap --config configs/scan_snap.py:{variant} "
-                       f"--workdir runs/scan_snap")
-            benchlib.write_measured_block(DOC, f"scan_snap_{name}", result["body"], command)
-            shutil.copyfile(workdir / f"scan_snap_{name}.png", FIGURES / f"scan_snap_{name}.png")
-    (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
-    return out
+    command = f"python -m experiments.scan_snap --config configs/scan_snap.py:{config.figure} --workdir runs/scan_snap"
+    return benchlib.run_figures(config, workdir, RUNNERS, order=FIGURE_NAMES, prefix="scan_snap", doc=DOC,
+                                command=command, log=log)
 
 
 if __name__ == "__main__":

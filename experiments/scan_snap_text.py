@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import time
 import warnings
 from typing import Any, Callable
@@ -45,7 +44,6 @@ from lorank.models import attention as attention_model
 from lorank.train import attention_lm, loop, mesh as mesh_lib
 
 DOCS_MD = benchlib.REPO_ROOT / "docs" / "scan_snap.md"
-FIGURES = benchlib.REPO_ROOT / "docs" / "figures"
 RESULTS_FILE = "scan_snap_text.json"
 SWEEP_FILE = "lr_sweep.json"
 SWEEP_DIR = "lr_sweep"
@@ -428,9 +426,7 @@ def write_docs(config, body: str, figure: pathlib.Path) -> None:
     name = config.variant.removesuffix("_smoke")
     command = (f"python -m experiments.scan_snap_text --config configs/scan_snap_text.py:{config.variant} "
                f"--workdir runs/scan_snap_text_{name}")
-    benchlib.write_measured_block(DOCS_MD, f"scan_snap_text_{name}", body, command)
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(figure, FIGURES / f"scan_snap_text_{name}.png")
+    benchlib.publish_figure(DOCS_MD, f"scan_snap_text_{name}", body, command, figure)
 
 
 def run(config, workdir: str, *, stop_at: int | None = None, log=print) -> dict[str, Any]:

@@ -602,6 +602,16 @@ def _batched(v0: Any, ndim: int, name: str) -> jax.Array:
     return v0
 
 
+def _simulate_tokens(field, v0: Any, args: OdeArgs, t1: float, num_saves: int, log_times: bool, rtol: float,
+                     atol: float, max_steps: int) -> Trajectory:
+    """A per-token ODE (state (v [B, M], tau [B]) from tau = 0) from B initial conditions v0 [B, M]."""
+    v0 = _batched(v0, 2, "v0")
+    if v0.shape[1] != args.target.shape[0]:
+        raise ValueError(f"v0 must be [B, {args.target.shape[0]}], got {v0.shape}")
+    ts = _save_times(t1, num_saves, log_times)
+    return _simulate(field, (v0, jnp.zeros(v0.shape[0])), args, float(ts[-1]), ts, rtol, atol, max_steps)
+
+
 def simulate_linear(v0: Any, args: OdeArgs, t1: float, *, num_saves: int = 201, log_times: bool = False,
                     rtol: float = 1e-7, atol: float = 1e-9, max_steps: int = 200_000) -> Trajectory:
     """Theorem 2's ODE from B initial conditions v0 [B, M] (vmapped, jitted).
@@ -609,11 +619,7 @@ def simulate_linear(v0: Any, args: OdeArgs, t1: float, *, num_saves: int = 201, 
     Returns:
       Trajectory with ts [T] and ys (v [B, T, M], tau [B, T]).
     """
-    v0 = _batched(v0, 2, "v0")
-    if v0.shape[1] != args.target.shape[0]:
-        raise ValueError(f"v0 must be [B, {args.target.shape[0]}], got {v0.shape}")
-    ts = _save_times(t1, num_saves, log_times)
-    return _simulate(linear_field, (v0, jnp.zeros(v0.shape[0])), args, float(ts[-1]), ts, rtol, atol, max_steps)
+    return _simulate_tokens(linear_field, v0, args, t1, num_saves, log_times, rtol, atol, max_steps)
 
 
 def simulate_nonlinear(v0: Any, args: OdeArgs, t1: float, *, num_saves: int = 201, log_times: bool = False,
@@ -623,11 +629,7 @@ def simulate_nonlinear(v0: Any, args: OdeArgs, t1: float, *, num_saves: int = 20
     Returns:
       Trajectory with ts [T] and ys (v [B, T, M], tau [B, T]).
     """
-    v0 = _batched(v0, 2, "v0")
-    if v0.shape[1] != args.target.shape[0]:
-        raise ValueError(f"v0 must be [B, {args.target.shape[0]}], got {v0.shape}")
-    ts = _save_times(t1, num_saves, log_times)
-    return _simulate(nonlinear_field, (v0, jnp.zeros(v0.shape[0])), args, float(ts[-1]), ts, rtol, atol, max_steps)
+    return _simulate_tokens(nonlinear_field, v0, args, t1, num_saves, log_times, rtol, atol, max_steps)
 
 
 def simulate_nodes(v0: Any, args: OdeArgs, t1: float, *, node_exponent: str = "sum", num_saves: int = 201,
