@@ -217,6 +217,12 @@ class HFTokenizer:
       add_eos: append `eos_id` to every encoding.
       chat_template: a Jinja chat template to use instead of the checkpoint's.
 
+    Attributes:
+      path: the tokenizer.json read.
+      chat_template: the template, None without one.
+      chat_template_source: where it came from (the config file, chat_template.jinja or "the
+        chat_template argument"), None without one.
+
     Raises:
       FileNotFoundError: `path` does not exist, or a directory holds no tokenizer.json (named).
       ValueError: the file is not a valid tokenizer.json, a config file is not valid JSON or
@@ -261,15 +267,17 @@ class HFTokenizer:
         if chat_template is not None:
             if not isinstance(chat_template, str):
                 raise ValueError(f"chat_template must be a string, got {type(chat_template).__name__}")
-            self._chat_source = "the chat_template argument"
+            self.chat_template_source = "the chat_template argument"
         else:
             chat_template = _default_chat_template(config.get("chat_template"), config_path)
-            self._chat_source = config_path
+            self.chat_template_source = config_path
             template_file = os.path.join(directory, HF_CHAT_TEMPLATE_FILE)
             if chat_template is None and os.path.isfile(template_file):
                 with open(template_file, encoding="utf-8") as f:
-                    chat_template, self._chat_source = f.read(), template_file
+                    chat_template, self.chat_template_source = f.read(), template_file
         self.chat_template: str | None = chat_template
+        if chat_template is None:
+            self.chat_template_source = None
         self._compiled = None
         if add_bos and self.bos_id < 0:
             raise ValueError(f"add_bos=True but {path} defines no BOS token (bos_token in {HF_CONFIG_FILE})")
@@ -350,7 +358,7 @@ class HFTokenizer:
         if self._compiled is None:
             import jinja2
 
-            source = self._chat_source
+            source = self.chat_template_source
 
             def raise_exception(message):
                 raise ValueError(f"the chat template of {source} raised: {message}")

@@ -172,6 +172,8 @@ def test_hf_chat_template_sources(hf_checkpoint_factory, chat_template):
     listed = hf_checkpoint_factory("listed", chat_template=[
         {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": chat_template}])
     assert tokenizers.HFTokenizer(listed).chat_template == chat_template
+    assert tokenizers.HFTokenizer(listed).chat_template_source == str(listed / "tokenizer_config.json")
+    assert tokenizers.HFTokenizer(listed, chat_template="x").chat_template_source == "the chat_template argument"
     assert tokenizers.HFTokenizer(listed).apply_chat_template(messages) == "<s><|user|>\nhi</s>\n"
     none = hf_checkpoint_factory("none", chat_template=None)
     tok = tokenizers.HFTokenizer(none)
@@ -180,6 +182,7 @@ def test_hf_chat_template_sources(hf_checkpoint_factory, chat_template):
         tok.apply_chat_template(messages)
     (none / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!", encoding="utf-8")
     assert tokenizers.HFTokenizer(none).apply_chat_template(messages) == "hi!"
+    assert tokenizers.HFTokenizer(none).chat_template_source == str(none / "chat_template.jinja")
     no_default = hf_checkpoint_factory("no_default", chat_template=[{"name": "rag", "template": "x"}])
     with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template names the templates \['rag'\]"):
         tokenizers.HFTokenizer(no_default)
