@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import shutil
-import statistics
 import time
 
 import matplotlib
@@ -54,14 +53,6 @@ def method_list(spec: str) -> list[str]:
     return names
 
 
-def multiplier_list(spec: str) -> list[float]:
-    """The comma-separated positive learning-rate multipliers of `config.lr_multipliers`."""
-    values = [float(v) for v in spec.split(",") if v.strip()]
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"config.lr_multipliers={spec!r} must list positive numbers")
-    return values
-
-
 def base_lrs(config, names: list[str]) -> dict[str, float]:
     """Each method's peak learning rate at multiplier 1: `config.peak_lrs[name]`, else the
     pretraining config's (`optim.galore_lr` for GaLore's methods, `optim.lr` for the others)."""
@@ -73,21 +64,6 @@ def base_lrs(config, names: list[str]) -> dict[str, float]:
     if bad:
         raise ValueError(f"config.peak_lrs must be positive, got {bad}")
     return {name: float(tuned.get(name, optimizers.peak_lr(config.pretrain.optim, name))) for name in names}
-
-
-def run_summary(records: list[dict], summary: dict) -> dict:
-    """Final validation loss, evaluation curve and median step rate of one method's metrics records."""
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    rates = [r["steps_per_s"] for r in records if "steps_per_s" in r]
-    tokens = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    if not evals or not rates:
-        raise ValueError("a run logged no evaluation or no throughput; raise train.steps")
-    return {
-        "params": summary["params"], "trainable_params": summary["trainable_params"],
-        "optimizer_state_bytes": summary["optimizer_state_bytes"],
-        "final_eval_loss": evals[-1][1], "eval_curve": evals,
-        "step_seconds": 1.0 / statistics.median(rates), "tokens_per_s": statistics.median(tokens),
-    }
 
 
 def ordering_checks(results: dict[str, dict], baseline: str) -> dict[str, bool]:
@@ -124,14 +100,6 @@ def plot_curves(results: dict[str, dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def best_run(runs: dict[str, dict]) -> dict:
-    """The run of lowest final validation loss among one method's learning rates, with the step
-    time and throughput (which do not depend on the learning rate) the medians over all of them."""
-    best = min(runs.values(), key=lambda r: r["final_eval_loss"])
-    return dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
-                tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))
-
-
 def train_method(config, name: str, base_lr: float, multiplier: float, workdir: pathlib.Path) -> dict:
     """One method at `multiplier` times its peak learning rate `base_lr`; its `run_summary`."""
     cfg = copy.deepcopy(config.pretrain)
@@ -140,7 +108,7 @@ def train_method(config, name: str, base_lr: float, multiplier: float, workdir: 
     cfg.optim["galore_lr" if name in optimizers.GALORE_OPTIMIZERS else "lr"] = lr
     run_dir = str(workdir / name / f"lr_{lr:g}")
     summary = pretrain.run(cfg, run_dir, log=lambda line: print(f"[{name} lr {lr:g}] {line}", flush=True))
-    result = run_summary(curves.read_metrics(os.path.join(run_dir, loop_lib.METRICS_FILE)), summary)
+    result = benchlib.run_summary(curves.read_metrics(os.path.join(run_dir, loop_lib.METRICS_FILE)), summary)
     result["peak_lr"] = optimizers.peak_lr(cfg.optim)
     return result
 
@@ -148,7 +116,7 @@ def train_method(config, name: str, base_lr: float, multiplier: float, workdir: 
 def run(config, workdir) -> dict:
     """Trains every method at every learning rate in workdir/METHOD/lr_PEAK; returns the results and checks."""
     names = method_list(config.methods)
-    multipliers = multiplier_list(config.lr_multipliers)
+    multipliers = benchlib.multiplier_list(config.lr_multipliers)
     lrs = base_lrs(config, names)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +124,7 @@ def run(config, workdir) -> dict:
     sweep = {name: {f"{m:g}": train_method(config, name, lrs[name], m, workdir) for m in multipliers}
              for name in names}
     wall_seconds = time.perf_counter() - start
-    results = {name: best_run(runs) for name, runs in sweep.items()}
+    results = {name: benchlib.best_run(runs) for name, runs in sweep.items()}
     baseline = names[0]
     for r in results.values():
         r["step_time_ratio"] = r["step_seconds"] / results[baseline]["step_seconds"]

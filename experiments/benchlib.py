@@ -13,6 +13,7 @@ import pathlib
 import platform
 import re
 import shutil
+import statistics
 import time
 from typing import Any, Callable
 
@@ -163,3 +164,34 @@ def run_figures(config, workdir, runners: dict[str, Callable], *, order: tuple[s
             publish_figure(doc, block, result["body"], command, workdir / f"{block}.png")
     (workdir / "metrics.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     return out
+
+
+def multiplier_list(spec: str) -> list[float]:
+    """The comma-separated positive learning-rate multipliers of `config.lr_multipliers`."""
+    values = [float(v) for v in spec.split(",") if v.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"config.lr_multipliers={spec!r} must list positive numbers")
+    return values
+
+
+def run_summary(records: list[dict], summary: dict) -> dict:
+    """Final validation loss, evaluation curve and median step rate of one method's metrics records."""
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    rates = [r["steps_per_s"] for r in records if "steps_per_s" in r]
+    tokens = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    if not evals or not rates:
+        raise ValueError("a run logged no evaluation or no throughput; raise train.steps")
+    return {
+        "params": summary["params"], "trainable_params": summary["trainable_params"],
+        "optimizer_state_bytes": summary["optimizer_state_bytes"],
+        "final_eval_loss": evals[-1][1], "eval_curve": evals,
+        "step_seconds": 1.0 / statistics.median(rates), "tokens_per_s": statistics.median(tokens),
+    }
+
+
+def best_run(runs: dict[str, dict]) -> dict:
+    """The run of lowest final validation loss among one method's learning rates, with the step
+    time and throughput (which do not depend on the learning rate) the medians over all of them."""
+    best = min(runs.values(), key=lambda r: r["final_eval_loss"])
+    return dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
+                tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))

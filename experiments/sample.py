@@ -11,8 +11,7 @@ import jax
 from absl import app, flags, logging
 
 from lorank.data import tokenizers
-from lorank.models import llama
-from lorank.train import lm, loop as loop_lib, mesh as mesh_lib, methods
+from lorank.train import lm, pretrain
 
 
 def _stderr(message: str) -> None:
@@ -20,18 +19,8 @@ def _stderr(message: str) -> None:
 
 
 def load_params(workdir: str, *, warn=_stderr):
-    """(config, model, full-rank params) of the newest intact checkpoint in `workdir`, on one device.
-
-    Factored methods' parameters are exported (LoRA merged, factors multiplied out); corrupt
-    newer checkpoints are named through `warn` and skipped.
-    """
-    config = loop_lib.load_workdir_config(workdir)
-    model = lm.build_llama(config)
-    method = methods.build_method(config, lm.shapes_task(model), llama.FAMILY)
-    mesh = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    plan = lm.step_plan(config, model, method, mesh, jax.random.key(0))
-    state = loop_lib.restore_latest(workdir, plan.abstract_state, plan.shardings, warn=warn)
-    return config, model, method.export(state.params)
+    """(config, model, full-rank params) of the newest intact checkpoint in `workdir` (`pretrain.load_run`)."""
+    return pretrain.load_run(workdir, warn=warn)
 
 
 def sample(workdir: str, prompt: str, length: int, *, temperature: float = 0.8, top_k: int = 0,

@@ -5,7 +5,7 @@ import pathlib
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import bench_pretrain
+from experiments import bench_pretrain, benchlib
 from lorank import config_files
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "bench_pretrain.py"
@@ -24,7 +24,7 @@ def test_base_lrs_take_tuned_rates_and_fall_back_to_the_pretraining_config():
 
 def test_bench_runs_every_method_once_at_the_sweeps_best():
     bench, sweep = config("bench"), config("sweep")
-    assert bench.lr_multipliers == "1" and len(bench_pretrain.multiplier_list(sweep.lr_multipliers)) > 1
+    assert bench.lr_multipliers == "1" and len(benchlib.multiplier_list(sweep.lr_multipliers)) > 1
     assert set(bench.peak_lrs) == set(bench_pretrain.method_list(bench.methods))
     assert bench.section != sweep.section
 
@@ -33,7 +33,7 @@ def test_best_run_has_the_lowest_loss_and_the_median_timings():
     runs = {"0.5": {"final_eval_loss": 2.0, "step_seconds": 1.0, "tokens_per_s": 30.0, "lr": 1e-3},
             "1": {"final_eval_loss": 1.5, "step_seconds": 4.0, "tokens_per_s": 10.0, "lr": 2e-3},
             "2": {"final_eval_loss": 1.7, "step_seconds": 2.0, "tokens_per_s": 20.0, "lr": 4e-3}}
-    assert bench_pretrain.best_run(runs) == {"final_eval_loss": 1.5, "step_seconds": 2.0, "tokens_per_s": 20.0,
+    assert benchlib.best_run(runs) == {"final_eval_loss": 1.5, "step_seconds": 2.0, "tokens_per_s": 20.0,
                                              "lr": 2e-3}
 
 
@@ -62,4 +62,4 @@ def test_bad_method_and_multiplier_lists_are_named():
     with pytest.raises(ValueError, match="repeats"):
         bench_pretrain.method_list("adamw,adamw")
     with pytest.raises(ValueError, match="'1,-2'"):
-        bench_pretrain.multiplier_list("1,-2")
+        benchlib.multiplier_list("1,-2")

@@ -2,6 +2,9 @@
 
     data.source = "text"   data.corpus files (default: the embedded Tiny Shakespeare), split
                            into train / validation by data.val_fraction; random windows
+    data.source = "python" the Python standard library's own source files (`text.python_source_files`),
+                           every k-th file held out whole (k = 1 / data.val_fraction), at most
+                           data.max_bytes of each side (0: all)
     data.source = "tfds"   the dataset data.tfds_name prepared in data.tfds_data_dir, documents
                            padded or packed per data.mode (`lorank.data.tfds_text`)
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from lorank.data import text, tfds_text, tokenizers
 
-SOURCES = ("text", "tfds")
+SOURCES = ("text", "python", "tfds")
 
 
 def load_tokenizer(data_config, vocab_size: int):
@@ -73,6 +76,16 @@ def load_lm_data(data_config, tokenizer, *, batch_size: int, num_val: int) -> LM
         sampler = text.SequenceSampler(train_tokens, d.seq_len, batch_size, seed=d.seed)
         return LMData(sampler.batch, text.eval_sequences(val_tokens, d.seq_len), None,
                       f"{len(train_tokens):,} train / {len(val_tokens):,} validation tokens")
+
+    if d.source == "python":
+        train_files, val_files = text.split_files(text.python_source_files(), d.val_fraction)
+        max_bytes = int(d.get("max_bytes", 0))
+        train_tokens = tokenizer.encode(text.read_files_upto(train_files, max_bytes))
+        val_tokens = tokenizer.encode(text.read_files_upto(val_files, max_bytes))
+        sampler = text.SequenceSampler(train_tokens, d.seq_len, batch_size, seed=d.seed)
+        return LMData(sampler.batch, text.eval_sequences(val_tokens, d.seq_len), None,
+                      f"Python standard library source: {len(train_tokens):,} train / {len(val_tokens):,} held-out "
+                      f"tokens ({len(val_files)} held-out files)")
 
     def sequences(split, seed):
         return tfds_text.tfds_text_sequences(d.tfds_name, split, d.tfds_data_dir, tokenizer, d.seq_len,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
+import pathlib
+import sysconfig
 from typing import Sequence
 
 import numpy as np
@@ -65,6 +67,50 @@ def read_corpus(paths: Sequence[str] | str | None = None) -> bytes:
         if not data:
             raise ValueError(f"corpus file is empty: {path}")
         chunks.append(data)
+    return b"\n".join(chunks)
+
+
+# Folders of the standard library left out of `python_source_files`: installed packages and test suites.
+NOT_STDLIB_SOURCE = ("site-packages", "dist-packages", "test", "tests", "idle_test")
+
+
+def python_source_files(root: str | os.PathLike | None = None) -> list[str]:
+    """The Python standard library's own source files: every .py file under `root` (default: this
+    interpreter's stdlib folder, `sysconfig.get_paths()["stdlib"]`) outside NOT_STDLIB_SOURCE, sorted
+    by relative path, so the list is the same on every machine with the same Python version."""
+    root = pathlib.Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"Python source folder not found: {root}")
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                   if not set(p.relative_to(root).parts[:-1]) & set(NOT_STDLIB_SOURCE))
+    if not files:
+        raise ValueError(f"no .py files under {root}")
+    return [str(root / f) for f in files]
+
+
+def split_files(files: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) files: every k-th file (k = round(1 / val_fraction)) is held out whole, so no
+    held-out file is seen in training."""
+    checks.number("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+    every = max(2, int(round(1.0 / val_fraction)))
+    held_out = [f for i, f in enumerate(files) if i % every == every - 1]
+    train = [f for i, f in enumerate(files) if i % every != every - 1]
+    if not held_out or not train:
+        raise ValueError(f"{len(files)} files cannot be split with val_fraction={val_fraction}")
+    return train, held_out
+
+
+def read_files_upto(files: Sequence[str], max_bytes: int = 0) -> bytes:
+    """The files' bytes joined by newlines, in order, stopping after the file that passes `max_bytes`
+    (0: all of them); each file is read whole."""
+    checks.integer("max_bytes", max_bytes, minimum=0)
+    chunks, total = [], 0
+    for path in files:
+        with open(path, "rb") as f:
+            chunks.append(f.read())
+        total += len(chunks[-1]) + 1
+        if max_bytes and total >= max_bytes:
+            break
     return b"\n".join(chunks)
 
 

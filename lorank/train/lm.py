@@ -33,26 +33,45 @@ def build_llama(config) -> llama.Llama:
     return llama.Llama(llama.LlamaConfig(**config.model.to_dict()))
 
 
-def next_token_loss(model: nn.Module, pad_id: int | None = None) -> Callable[[dict, jax.Array], jax.Array]:
-    """(params, sequences int [B, T+1]) -> mean cross-entropy (nats/token) of predicting x[1:] from x[:-1].
+def batch_tokens(batch) -> jax.Array:
+    """The int token windows [B, T+1] of a batch: the batch itself, or its "tokens" entry."""
+    return batch["tokens"] if isinstance(batch, dict) else batch
 
-    With `pad_id`, targets equal to it are left out of the mean (padded documents).
+
+def batch_loss(logits: jax.Array, batch, pad_id: int | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of logits [B, T, V] on `batch`.
+
+    `batch` is int [B, T+1] (targets x[:, 1:], those equal to `pad_id` left out) or a dict with
+    "tokens" int [B, T+1] and "loss_mask" float [B, T], the weight of predicting tokens[:, t+1]
+    (instruction data: 1 on response tokens, 0 on prompts and padding).
     """
+    targets = batch_tokens(batch)[:, 1:]
+    if isinstance(batch, dict) and "loss_mask" in batch:
+        return weighted_cross_entropy(logits, targets, batch["loss_mask"])
+    return mean_cross_entropy(logits, targets, pad_id)
 
-    def loss_fn(params, sequences):
-        logits = model.apply({"params": params}, sequences[:, :-1])
-        return mean_cross_entropy(logits, sequences[:, 1:], pad_id)
+
+def next_token_loss(model: nn.Module, pad_id: int | None = None) -> Callable[[dict, jax.Array], jax.Array]:
+    """(params, batch) -> mean cross-entropy (nats/token) of predicting x[1:] from x[:-1] (`batch_loss`)."""
+
+    def loss_fn(params, batch):
+        return batch_loss(model.apply({"params": params}, batch_tokens(batch)[:, :-1]), batch, pad_id)
 
     return loss_fn
 
 
 def mean_cross_entropy(logits: jax.Array, targets: jax.Array, pad_id: int | None = None) -> jax.Array:
     """Mean cross-entropy of logits [..., V] against int targets [...], leaving out targets equal to `pad_id`."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     if pad_id is None:
-        return jnp.mean(losses)
-    mask = (targets != pad_id).astype(losses.dtype)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    return weighted_cross_entropy(logits, targets, (targets != pad_id).astype(jnp.float32))
+
+
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(w * CE) / max(sum(w), 1) of logits [..., V], int targets [...] and weights [...]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weights = weights.astype(losses.dtype)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], dict]:
@@ -63,10 +82,10 @@ def init_params_fn(model: nn.Module, seq_len: int = 1) -> Callable[[jax.Array], 
 GRAD_RANK_PREFIX = "grad_stable_rank/"  # metrics of `gradient_rank_probe`: GRAD_RANK_PREFIX + layer kind
 
 
-def gradient_rank_probe(loss_fn: Callable, probe_batch: np.ndarray,
-                        layer_kind: Callable[[tuple], str | None]) -> Callable[[dict], dict[str, jax.Array]]:
+def gradient_rank_probe(loss_fn: Callable, probe_batch, layer_kind: Callable[[tuple], str | None]
+                        ) -> Callable[[dict], dict[str, jax.Array]]:
     """params -> {"grad_stable_rank/<kind>": mean stable rank of that layer kind's gradients on `probe_batch`}."""
-    probe_batch = jnp.asarray(probe_batch)
+    probe_batch = jax.tree.map(jnp.asarray, probe_batch)
 
     def probe(params):
         grads = jax.grad(loss_fn)(params, probe_batch)
@@ -98,29 +117,69 @@ def make_lm_task(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndar
                               family=family)
 
 
+def _first_rows(batches, count: int):
+    return jax.tree.map(lambda x: x[:count], batches)
+
+
+def held_out_evaluator(loss_fn: Callable, val, loop: LoopConfig, *, eval_batches: int, name: str = "eval_loss",
+                       perplexity: bool = False) -> loop_lib.Evaluator:
+    """`name`: the mean of `loss_fn(params, batch)` over the first `eval_batches` micro-batches of `val`
+    (int [M, T+1] or a dict of such rows, `batch_loss`), every `loop.eval_every` steps; with `perplexity`
+    also `name` with "loss" replaced by "perplexity": exp of that mean (of the whole held-out set, not a
+    mean of per-batch perplexities).
+
+    Raises:
+      ValueError: `val` holds fewer rows than one micro-batch (the shortfall is named).
+    """
+    rows = len(batch_tokens(val))
+    usable = (rows // loop.micro_batch) * loop.micro_batch
+    if usable == 0:
+        raise ValueError(f"the held-out data for {name} gives {rows} sequences, fewer than the micro-batch "
+                         f"{loop.micro_batch}")
+    val = _first_rows(val, min(usable, eval_batches * loop.micro_batch))
+    evaluator = loop_lib.mean_loss_evaluator(lambda params, extra, batch: loss_fn(params, batch), val,
+                                             loop.micro_batch, loop.eval_every, name=name)
+    if not perplexity:
+        return evaluator
+
+    def make(mesh):
+        evaluate = evaluator.make(mesh)
+
+        def with_perplexity(state):
+            results = evaluate(state)
+            return {**results, name.replace("loss", "perplexity"): float(np.exp(results[name]))}
+
+        return with_perplexity
+
+    return loop_lib.Evaluator(evaluator.every, make)
+
+
 def make_sequence_task(model: nn.Module, train_batch: Callable[[int, np.ndarray | None], np.ndarray], val: np.ndarray,
                        loop: LoopConfig, *, seq_len: int, eval_batches: int, pad_id: int | None = None,
-                       track_grad_rank: bool = False, family: ModelFamily = llama.FAMILY) -> Task:
-    """A `Task` training `model` on `train_batch(step, rows)` (int [rows, T+1]), evaluated on `val` [M, T+1].
+                       track_grad_rank: bool = False, family: ModelFamily = llama.FAMILY,
+                       perplexity: bool = False, other_val: dict | None = None,
+                       init_params: Callable[[jax.Array], dict] | None = None) -> Task:
+    """A `Task` training `model` on `train_batch(step, rows)` (int [rows, T+1] or a dict with "tokens" and
+    "loss_mask", see `batch_loss`), evaluated on `val` (the same form, [M, ...]).
 
     Every `loop.eval_every` steps the task reports `eval_loss`, the mean loss over the first
-    `eval_batches` micro-batches of `val`, and with `track_grad_rank` the gradient stable rank
-    per layer kind (`family.layer_kind`) on the first of them. `pad_id`: targets to leave out of
-    the loss (see `next_token_loss`). Parameters are laid out by `family.axis_rules`.
+    `eval_batches` micro-batches of `val` (and `eval_perplexity` with `perplexity`), `eval_loss/NAME`
+    for every NAME: rows of `other_val` (e.g. the pretraining corpus, to measure forgetting), and with
+    `track_grad_rank` the gradient stable rank per layer kind (`family.layer_kind`) on the first
+    micro-batch of `val`. `pad_id`: targets to leave out of the loss. `init_params`: key -> boxed
+    parameters (default: the model's random init; a fine-tuning run passes its pretrained weights).
+    Parameters are laid out by `family.axis_rules`.
     """
-    usable = (len(val) // loop.micro_batch) * loop.micro_batch
-    if usable == 0:
-        raise ValueError(f"the validation data gives {len(val)} sequences of {seq_len + 1} tokens, fewer than "
-                         f"the micro-batch {loop.micro_batch}")
-    val = val[: min(usable, eval_batches * loop.micro_batch)]
     loss_fn = next_token_loss(model, pad_id)
-    evaluators = [loop_lib.mean_loss_evaluator(lambda params, extra, batch: loss_fn(params, batch), val,
-                                               loop.micro_batch, loop.eval_every)]
+    evaluators = [held_out_evaluator(loss_fn, val, loop, eval_batches=eval_batches, perplexity=perplexity)]
+    for name, rows in (other_val or {}).items():
+        evaluators.append(held_out_evaluator(loss_fn, rows, loop, eval_batches=eval_batches, name=f"eval_loss/{name}",
+                                             perplexity=perplexity))
     if track_grad_rank:
-        probe = gradient_rank_probe(loss_fn, val[: loop.micro_batch], family.layer_kind)
+        probe = gradient_rank_probe(loss_fn, _first_rows(val, loop.micro_batch), family.layer_kind)
         evaluators.append(loop_lib.params_evaluator(probe, loop.eval_every))
     return Task(
-        init_params=init_params_fn(model, seq_len),
+        init_params=init_params or init_params_fn(model, seq_len),
         loss_fn=loop_lib.plain_loss(loss_fn),
         train_batch=train_batch,
         evaluators=tuple(evaluators),
@@ -137,8 +196,8 @@ def step_plan(config, model: llama.Llama, method, mesh: Mesh, key: jax.Array, *,
     next-token loss for "per_layer", `loop.joint_step_plan` otherwise ("joint", the default)."""
     if config.optim.get("update_schedule", "joint") != "per_layer":
         return loop_lib.joint_step_plan(method.task, method.tx, mesh, key)
-    stages = family.stages(model.cfg, inputs_of=lambda batch: batch[:, :-1],
-                           loss_of=lambda logits, batch: mean_cross_entropy(logits, batch[:, 1:], pad_id))
+    stages = family.stages(model.cfg, inputs_of=lambda batch: batch_tokens(batch)[:, :-1],
+                           loss_of=lambda logits, batch: batch_loss(logits, batch, pad_id))
     return per_layer.step_plan(config, family, stages, method.task, mesh, key)
 
 

@@ -314,6 +314,30 @@ def joint_step_plan(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ke
     return StepPlan(init_state, abstract_state, shardings, step)
 
 
+def hoist_constants(fn: Callable, *args) -> tuple[Callable, list]:
+    """(fn', consts) with fn'(*args, consts) == fn(*args), where consts are the arrays `fn` closes over.
+
+    Jitting fn' instead of fn hands those arrays (e.g. pretrained weights) to the program as
+    arguments; a jitted fn would copy them into the program as constants.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    structure = jax.tree.structure(out_shape)
+
+    def hoisted(*args_and_consts):
+        *fn_args, consts = args_and_consts
+        flat = jax.tree.leaves(fn_args)
+        return jax.tree.unflatten(structure, jax.core.eval_jaxpr(closed.jaxpr, consts, *flat))
+
+    return hoisted, list(closed.consts)
+
+
+def init_on_mesh(init_state: Callable[[jax.Array], TrainState], shardings: TrainState, key: jax.Array) -> TrainState:
+    """`jax.jit(init_state, out_shardings=shardings)(key)` with the arrays `init_state` closes over
+    (the pretrained weights a fine-tuning run starts from) as arguments (`hoist_constants`)."""
+    hoisted, consts = hoist_constants(init_state, key)
+    return jax.jit(hoisted, out_shardings=shardings)(key, consts)
+
+
 def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
     """The PRNG key of step `step` of a run whose key is `key` (augmentation, dropout)."""
     return jax.random.fold_in(jax.random.fold_in(key, _STEP_KEYS), step)
@@ -520,7 +544,7 @@ def run(task: Task, tx: optax.GradientTransformation, loop: LoopConfig, mesh: Me
             _rewrite_metrics(metrics_path, latest)
         say(f"resumed from {workdir} at step {latest}")
     else:
-        state = jax.jit(plan.init_state, out_shardings=plan.shardings)(key)
+        state = init_on_mesh(plan.init_state, plan.shardings, key)
         if primary and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a workdir without checkpoints holds no run to continue
 

@@ -223,3 +223,24 @@ def test_nonfinite_values_in_an_unsealed_checkpoint_are_caught_and_none_intact_i
         damage(checkpoints.step_path(manager, s))
     with pytest.raises(checkpoints.NoIntactCheckpoint, match=r"no intact checkpoint .*6: non-finite.*4: checksum"):
         loop.restore_latest(str(tmp_path), abstract, shardings, warn=quiet)
+
+
+def test_an_init_from_closed_over_weights_takes_them_as_arguments_not_constants():
+    """A fine-tuning start: the init returns given weights; the program stays small and lays them out."""
+    start = np.random.default_rng(3).normal(size=(512, 256)).astype(np.float32)
+
+    def init_state(key):
+        params = {"w": jnp.asarray(start)}
+        return loop.TrainState(jnp.zeros((), jnp.int32), params, {}, {}, jnp.zeros((), jnp.int32))
+
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8})
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    replicated = mesh_lib.replicated(mesh)
+    shardings = loop.TrainState(replicated, {"w": sharding}, {}, {}, replicated)
+    state = loop.init_on_mesh(init_state, shardings, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), start)
+    assert state.params["w"].sharding == sharding
+    embedded = jax.jit(init_state).lower(jax.random.key(0)).as_text()
+    assert len(embedded) > start.nbytes  # the plain jit copies the weights into the program ...
+    hoisted, consts = loop.hoist_constants(init_state, jax.random.key(0))
+    assert len(jax.jit(hoisted).lower(jax.random.key(0), consts).as_text()) < start.nbytes / 100  # ... not here
