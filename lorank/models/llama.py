@@ -1,23 +1,31 @@
 """A LLaMA-style decoder-only transformer in flax.linen.
 
 RMSNorm (pre-norm), rotary position embeddings (rotate-half convention), causal
-multi-head attention, SwiGLU MLP and an untied LM head. Every kernel is a plain
+multi-head attention with optional grouped-query attention (`num_kv_heads` key/value
+heads, each shared by num_heads / num_kv_heads query heads), SwiGLU MLP and an LM
+head that is its own matrix or, with `tie_embeddings`, the transposed embedding.
+The layout and numerics are those of Hugging Face's LlamaForCausalLM, so
+`lorank.models.hf` reads and writes its checkpoints. Every kernel is a plain
 2-D matrix (one `nn.Dense` per projection, as in the reference PyTorch models),
 so GaLore and LoRA see the same matrices the papers project, and every
 parameter carries logical axis names for sharding. `FAMILY` describes the model
 to the generic layers: its logical-axis rules, the kernels GaLore projects, the
 layer kind of every parameter and the stages of the per-layer update.
 
-Parameter paths (V vocab, D hidden, F intermediate, L layers):
+Parameter paths (V vocab, D hidden, F intermediate, L layers, K = num_kv_heads * head_dim,
+which is D without grouped-query attention):
 
     embed/embedding                         [V, D]  ('vocab', 'embed')
     layers_{i}/attn_norm/scale              [D]     ('norm',)
-    layers_{i}/attn/{q,k,v,o}_proj/kernel   [D, D]  ('embed', 'joined_kv') / o: ('joined_kv', 'embed')
+    layers_{i}/attn/q_proj/kernel           [D, D]  ('embed', 'joined_kv')
+    layers_{i}/attn/{k,v}_proj/kernel       [D, K]  ('embed', 'joined_kv')
+    layers_{i}/attn/o_proj/kernel           [D, D]  ('joined_kv', 'embed')
     layers_{i}/mlp_norm/scale               [D]     ('norm',)
     layers_{i}/mlp/{gate,up}_proj/kernel    [D, F]  ('embed', 'mlp')
     layers_{i}/mlp/down_proj/kernel         [F, D]  ('mlp', 'embed')
     final_norm/scale                        [D]     ('norm',)
-    lm_head/kernel                          [D, V]  ('embed', 'vocab')
+    lm_head/kernel                          [D, V]  ('embed', 'vocab'); absent with tie_embeddings
+                                                    (logits = x embedding^T)
 """
 
 from __future__ import annotations
@@ -72,7 +80,11 @@ class LlamaConfig:
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters;
     either may be given as a string ("float32", "bfloat16"). `remat` is "none" or
-    one of REMAT_POLICIES (True means "full").
+    one of REMAT_POLICIES (True means "full"). `num_kv_heads` is the number of
+    key/value heads (None: num_heads, plain multi-head attention); it divides
+    num_heads, and query head h attends with key/value head h // (num_heads / num_kv_heads).
+    `tie_embeddings` computes the logits with the transposed embedding instead of an
+    lm_head kernel.
     """
 
     vocab_size: int = 256
@@ -87,6 +99,8 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: Any = "none"
+    num_kv_heads: int | None = None
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_len"):
@@ -98,6 +112,13 @@ class LlamaConfig:
             raise ValueError(
                 f"head dimension hidden_size/num_heads={self.hidden_size // self.num_heads} must be even for "
                 "rotary embeddings")
+        if self.num_kv_heads is not None:
+            checks.integer("LlamaConfig.num_kv_heads", self.num_kv_heads, minimum=1)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} is not a bool")
         object.__setattr__(self, "dtype", _as_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", _as_dtype(self.param_dtype, "param_dtype"))
         remat = {True: "full", False: "none"}.get(self.remat, self.remat)
@@ -109,17 +130,37 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads: num_kv_heads, or num_heads when that is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
-def param_count(cfg: LlamaConfig) -> int:
-    """Closed-form number of parameters: embeddings, L blocks, final norm, LM head."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    per_layer = 4 * d * d + 3 * d * f + 2 * d
-    return v * d + cfg.num_layers * per_layer + d + d * v
+    @property
+    def kv_size(self) -> int:
+        """K = kv_heads * head_dim, the output width of k_proj and v_proj."""
+        return self.kv_heads * self.head_dim
 
 
 def _kernel_shapes(cfg: LlamaConfig) -> list[tuple[int, int]]:
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return [(d, d)] * 4 + [(d, f), (d, f), (f, d)]
+    """Shapes of one block's kernels: q, k, v, o, gate, up, down."""
+    d, f, k = cfg.hidden_size, cfg.intermediate_size, cfg.kv_size
+    return [(d, d), (d, k), (d, k), (d, d), (d, f), (d, f), (f, d)]
+
+
+def _outside_blocks(cfg: LlamaConfig) -> int:
+    """Parameters outside the blocks' kernels: embedding V D, L x 2 D norm scales, final norm D, LM head D V
+    (none with tied embeddings)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    return v * d + cfg.num_layers * 2 * d + d + (0 if cfg.tie_embeddings else d * v)
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    """Closed-form number of parameters: embeddings, L blocks, final norm, LM head.
+
+    Per block: q and o 2 D^2, k and v 2 D K (K = num_kv_heads * head_dim), gate, up, down 3 D F,
+    two norms 2 D; plus the embedding V D, the final norm D and the LM head D V (none when tied).
+    """
+    return cfg.num_layers * sum(m * n for m, n in _kernel_shapes(cfg)) + _outside_blocks(cfg)
 
 
 def _check_factor_rank(cfg: LlamaConfig, rank: int) -> None:
@@ -132,33 +173,33 @@ def _check_factor_rank(cfg: LlamaConfig, rank: int) -> None:
 def lowrank_param_count(cfg: LlamaConfig, rank: int) -> int:
     """Closed-form parameter count with every projection factored at rank r (the low-rank baseline).
 
-    Per layer: 4 r (D + D) attention + 3 r (D + F) MLP + 2 D norms; plus
-    embeddings V D, final norm D and LM head D V.
+    Per layer: r (m + n) for each kernel [m, n], i.e. 2 r (D + D) for q and o, 2 r (D + K) for
+    k and v, 3 r (D + F) for the MLP, and 2 D norms; plus embeddings V D, final norm D and
+    LM head D V (none when tied).
     """
     _check_factor_rank(cfg, rank)
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    per_layer = 4 * rank * 2 * d + 3 * rank * (d + f) + 2 * d
-    return v * d + cfg.num_layers * per_layer + d + d * v
+    factors = cfg.num_layers * sum(rank * (m + n) for m, n in _kernel_shapes(cfg))
+    return factors + _outside_blocks(cfg)
 
 
 def lora_param_count(cfg: LlamaConfig, rank: int, *, train_others: bool = True) -> tuple[int, int]:
     """(total, trainable) parameters with LoRA of rank r on every projection.
 
-    Total = full model + L (4 r 2D + 3 r (D + F)); trainable = the factors, plus
-    embeddings, norms and LM head when `train_others`.
+    Total = full model + L sum_kernels r (m + n) (see `lowrank_param_count`); trainable = the
+    factors, plus embeddings, norms and LM head (when untied) when `train_others`.
     """
     _check_factor_rank(cfg, rank)
     factors = cfg.num_layers * sum(rank * (m + n) for m, n in _kernel_shapes(cfg))
-    d, v = cfg.hidden_size, cfg.vocab_size
-    others = v * d + cfg.num_layers * 2 * d + d + d * v
-    return param_count(cfg) + factors, factors + (others if train_others else 0)
+    return param_count(cfg) + factors, factors + (_outside_blocks(cfg) if train_others else 0)
 
 
 def matmul_param_count(cfg: LlamaConfig) -> int:
-    """Parameters that multiply activations in a matmul: L blocks of q, k, v, o (4 D^2) and gate, up,
-    down (3 D F), and the LM head (D V). The embedding (a row lookup) and the norm scales are left out."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    return cfg.num_layers * (4 * d * d + 3 * d * f) + d * v
+    """Parameters that multiply activations in a matmul: L blocks of q and o (2 D^2), k and v (2 D K,
+    K = num_kv_heads * head_dim) and gate, up, down (3 D F), and the LM head (D V). The embedding
+    (a row lookup) and the norm scales are left out; with tied embeddings the head's D V is still
+    counted, since the logits are a matmul with the transposed embedding."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    return cfg.num_layers * sum(m * n for m, n in _kernel_shapes(cfg)) + d * v
 
 
 def train_flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:
@@ -167,7 +208,8 @@ def train_flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:
     6 per matmul parameter (`matmul_param_count`): a multiply-add is 2 flops in the
     forward pass, and the backward pass does it twice (the gradient of the input and
     of the weight). Attention adds, per layer and token, the scores Q K^T and the
-    weighted sum P V, 2 * seq_len * D flops each in the forward pass, times 3 with the
+    weighted sum P V, 2 * seq_len * D flops each in the forward pass (every query head attends,
+    so grouped-query attention does not change them), times 3 with the
     backward pass: 12 * L * seq_len * D. The full seq_len x seq_len score matrix is
     counted, as XLA computes it (the causal mask skips no work). Norms, rotary
     embeddings, softmax, SiLU, the loss and the optimizer are O(D) per token and left
@@ -224,7 +266,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with rotary embeddings. [B, T, D] -> [B, T, D]."""
+    """Causal multi-head self-attention with rotary embeddings. [B, T, D] -> [B, T, D].
+
+    q: [B, T, num_heads, head_dim]; k, v: [B, T, kv_heads, head_dim]. With fewer key/value
+    heads, `jax.nn.dot_product_attention` groups the query heads: query head h uses key/value
+    head h // (num_heads / kv_heads), Hugging Face's `repeat_kv`.
+    """
 
     cfg: LlamaConfig
 
@@ -232,10 +279,10 @@ class Attention(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         b, t, d = x.shape
-        heads = (b, t, cfg.num_heads, cfg.head_dim)
-        q = _dense(d, ("embed", "joined_kv"), cfg, "q_proj")(x).reshape(heads)
-        k = _dense(d, ("embed", "joined_kv"), cfg, "k_proj")(x).reshape(heads)
-        v = _dense(d, ("embed", "joined_kv"), cfg, "v_proj")(x).reshape(heads)
+        q = _dense(d, ("embed", "joined_kv"), cfg, "q_proj")(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        kv_shape = (b, t, cfg.kv_heads, cfg.head_dim)
+        k = _dense(cfg.kv_size, ("embed", "joined_kv"), cfg, "k_proj")(x).reshape(kv_shape)
+        v = _dense(cfg.kv_size, ("embed", "joined_kv"), cfg, "v_proj")(x).reshape(kv_shape)
         positions = jnp.arange(t)
         q = rotary_embedding(q, positions, cfg.rope_theta)
         k = rotary_embedding(k, positions, cfg.rope_theta)
@@ -292,7 +339,10 @@ class Llama(nn.Module):
         for i in range(cfg.num_layers):
             x = block(cfg, name=f"layers_{i}")(x)
         x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
-        logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
         return logits.astype(jnp.float32)
 
 
@@ -314,7 +364,15 @@ def per_layer_stages(cfg: LlamaConfig, *, inputs_of: Callable[[Any], jax.Array],
                      loss_of: Callable[[jax.Array, Any], jax.Array]) -> list[Stage]:
     """The model as the per-layer update walks it: the embedding of `inputs_of(batch)` (int [B, T]),
     the blocks layers_0 .. layers_{L-1}, then the final norm and LM head, whose float32 logits
-    [B, T, V] go to `loss_of(logits, batch)`. The same function as `Llama(cfg)` without remat."""
+    [B, T, V] go to `loss_of(logits, batch)`. The same function as `Llama(cfg)` without remat.
+
+    Raises:
+      ValueError: `cfg.tie_embeddings`: the head would need the embedding stage's parameters, and
+        each stage owns its parameters, so the per-layer update needs untied embeddings.
+    """
+    if cfg.tie_embeddings:
+        raise ValueError("tie_embeddings=True: the per-layer update needs untied embeddings (the LM head "
+                         "stage would use the embedding stage's parameters)")
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     block = Block(cfg)
     norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
