@@ -319,6 +319,14 @@ def _param_dtype(dtype: Any, stored: dict, layout: dict, hf: Mapping, config_pat
                      f"torch_dtype={declared!r}: pass dtype= (one of {sorted(llama.DTYPES)})")
 
 
+def _open(file: pathlib.Path) -> Any:
+    """safe_open of `file` (mapped, nothing read); a damaged header is a ValueError naming the file."""
+    try:
+        return safe_open(str(file), framework="np")
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+
+
 def _read_block(handle: Any, name: str, index: tuple, transpose: bool, dtype: np.dtype) -> np.ndarray:
     """The block `index` (slices in lorank's layout) of tensor `name`, read from the file alone."""
     index = tuple(index)[::-1] if transpose else tuple(index)
@@ -374,7 +382,7 @@ def load_llama(path: str | pathlib.Path, *, dtype: Any = None, mesh: Mesh | None
     files = [weights] if weight_map is None else sorted(set(weight_map.values()))
     layout = hf_layout(cfg)
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(str(file), framework="np")) for file in files}
+        handles = {file: stack.enter_context(_open(file)) for file in files}
         stored = _stored_tensors(handles, weights, weight_map)
         _check_tensors(layout, stored, weights, config_path, cfg)
         param_dtype = _param_dtype(dtype, stored, layout, hf, config_path)

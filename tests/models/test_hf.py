@@ -395,7 +395,7 @@ def test_a_config_lorank_does_not_compute_is_refused_naming_config_json(tmp_path
         hf.load_llama(directory)
 
 
-def test_missing_config_weights_or_shard_are_file_not_found_errors_naming_the_path(tmp_path):
+def test_missing_or_damaged_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "config.json")):
         hf.load_llama(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(_config()))
@@ -404,6 +404,10 @@ def test_missing_config_weights_or_shard_are_file_not_found_errors_naming_the_pa
     _write(tmp_path, _config(), _random_tensors(_config()), shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "model-00002-of-00002.safetensors")):
+        hf.load_llama(tmp_path)
+    _write(tmp_path, _config(), _random_tensors(_config()), shards=2)
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'model-00001-of-00002.safetensors'} is not a readable"):
         hf.load_llama(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} is not valid JSON"):
