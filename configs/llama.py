@@ -38,6 +38,8 @@ def _base() -> ConfigDict:
     c.model.intermediate_size = 512  # SwiGLU hidden width F
     c.model.num_heads = 6  # attention heads (D / heads must be even)
     c.model.num_layers = 4  # transformer blocks
+    c.model.num_kv_heads = 0  # key/value heads (grouped-query attention; divides num_heads); 0: num_heads
+    c.model.tie_embeddings = False  # logits from the transposed embedding instead of an LM-head matrix
     c.model.max_len = 128  # longest sequence the model accepts
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
     c.model.param_dtype = "float32"  # parameter storage dtype

@@ -1,6 +1,7 @@
 """Every config file: documented fields, a smoke variant that runs, and CLI errors for unknown fields."""
 
 import ast
+import math
 import importlib
 import pathlib
 import subprocess
@@ -297,6 +298,24 @@ def _joma_hierarchy(out):
     }
 
 
+def _finetune(out):
+    return {"held-out loss drop from the start": (out["initial_eval_loss"] - out["final_eval_loss"], 0.2, 2.0),
+            "perplexity = exp(loss)": (out["eval_perplexity"] / math.exp(out["final_eval_loss"]), 0.9999, 1.0001),
+            "retained Shakespeare loss": (out["eval_loss/retain"], 3.0, 5.6), "steps": (out["steps"], 16, 16)}
+
+
+def _bench_finetune(out):
+    checks = {f"{key}: held-out loss drop": (r["eval_curve"][0][1] - r["final_eval_loss"], 0.2, 2.0)
+              for key, r in out["runs"].items()}
+    checks["start: held-out Python loss of the pretrained smoke model"] = (out["start"]["eval_loss"], 4.0, 5.6)
+    checks["galore:4 / adamw optimizer state"] = (out["runs"]["galore:4"]["optimizer_state_bytes"]
+                                                  / out["runs"]["adamw"]["optimizer_state_bytes"], 0.3, 0.95)
+    checks["lora:4 trainable / adamw trainable"] = (out["runs"]["lora:4"]["trainable_params"]
+                                                    / out["runs"]["adamw"]["trainable_params"], 0.2, 0.95)
+    checks["claims checked"] = (len(out["checks"]), 2, 2)
+    return checks
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -317,6 +336,8 @@ HEADLINES = {
     "joma_text:layers_smoke": _joma_text_layers,
     "joma_text:one_layer_long_smoke": _joma_text_one_layer_long,
     "joma_hierarchy:table_smoke": _joma_hierarchy,
+    "finetune:smoke": _finetune,
+    "bench_finetune:smoke": _bench_finetune,
 }
 
 

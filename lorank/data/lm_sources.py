@@ -5,6 +5,10 @@
     data.source = "python" the Python standard library's own source files (`text.python_source_files`),
                            every k-th file held out whole (k = 1 / data.val_fraction), at most
                            data.max_bytes of each side (0: all)
+    data.source = "jsonl"  instruction records (`lorank.data.instructions`) in data.train_file, held out
+                           in data.val_file (empty: data.val_fraction of the records), padded or
+                           packed per data.mode; batches are dicts whose "loss_mask" trains only
+                           the response tokens
     data.source = "tfds"   the dataset data.tfds_name prepared in data.tfds_data_dir, documents
                            padded or packed per data.mode (`lorank.data.tfds_text`)
 
@@ -20,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from lorank.data import text, tfds_text, tokenizers
+from lorank.data import instructions, text, tfds_text, tokenizers
 
-SOURCES = ("text", "python", "tfds")
+SOURCES = ("text", "python", "jsonl", "tfds")
 
 
 def load_tokenizer(data_config, vocab_size: int):
@@ -47,14 +51,15 @@ class LMData:
     """Training batches and validation sequences of a language model.
 
     Attributes:
-      train_batch: (step, rows) -> int32 [len(rows), seq_len + 1], a pure function of the step.
-      val: int32 [M, seq_len + 1] validation sequences.
+      train_batch: (step, rows) -> int32 [len(rows), seq_len + 1] (instruction data: a dict of
+        "tokens" and "loss_mask" [len(rows), seq_len]), a pure function of the step.
+      val: int32 [M, seq_len + 1] validation sequences (instruction data: a dict as above).
       pad_id: targets the loss leaves out (padded documents), or None.
       description: one line for the run's log.
     """
 
-    train_batch: Callable[[int, np.ndarray | None], np.ndarray]
-    val: np.ndarray
+    train_batch: Callable[[int, np.ndarray | None], np.ndarray | dict]
+    val: np.ndarray | dict
     pad_id: int | None
     description: str
 
@@ -87,6 +92,9 @@ def load_lm_data(data_config, tokenizer, *, batch_size: int, num_val: int) -> LM
                       f"Python standard library source: {len(train_tokens):,} train / {len(val_tokens):,} held-out "
                       f"tokens ({len(val_files)} held-out files)")
 
+    if d.source == "jsonl":
+        return instruction_data(d, tokenizer, batch_size=batch_size, num_val=num_val)
+
     def sequences(split, seed):
         return tfds_text.tfds_text_sequences(d.tfds_name, split, d.tfds_data_dir, tokenizer, d.seq_len,
                                              mode=d.mode, seed=seed)
@@ -99,3 +107,25 @@ def load_lm_data(data_config, tokenizer, *, batch_size: int, num_val: int) -> LM
         pad_id = None
     val = tfds_text.first_sequences(sequences(d.tfds_eval_split, 0), num_val)
     return LMData(train_batch, val, pad_id, f"tfds {d.tfds_name} ({d.mode} mode) in {d.tfds_data_dir}")
+
+
+def instruction_data(data_config, tokenizer, *, batch_size: int, num_val: int) -> LMData:
+    """`load_lm_data` for data.source = "jsonl": records of data.train_file (and data.val_file). Padding
+    uses the tokenizer's pad id, else its EOS id, else 0 (padding is never trained)."""
+    d = data_config
+    if not d.train_file:
+        raise ValueError("data.source='jsonl' needs data.train_file: a JSON-lines file of {\"prompt\", \"response\"} "
+                         "or {\"messages\": [...]} records")
+    records = instructions.read_jsonl(d.train_file)
+    if d.get("val_file", ""):
+        train, val = records, instructions.read_jsonl(d.val_file)
+    else:
+        train, val = instructions.train_val_split(records, d.val_fraction, seed=d.seed)
+    pad_id = next((i for i in (getattr(tokenizer, "pad_id", -1), getattr(tokenizer, "eos_id", -1)) if i >= 0), 0)
+    train_seqs, stats = instructions.instruction_sequences(train, tokenizer, d.seq_len, mode=d.mode, pad_id=pad_id,
+                                                           return_stats=True)
+    val_seqs = instructions.instruction_sequences(val, tokenizer, d.seq_len, mode=d.mode, pad_id=pad_id)
+    val_seqs = {k: v[:num_val] for k, v in val_seqs.items()}
+    return LMData(instructions.batch_fn(train_seqs, batch_size, seed=d.seed), val_seqs, None,
+                  f"{d.train_file}: {len(train):,} train / {len(val):,} held-out records ({d.mode} mode, "
+                  f"{stats['truncated']} truncated, {stats['trained_targets']:,} trained targets)")

@@ -27,10 +27,12 @@ from lorank.train.loop import LoopConfig, Task
 
 
 def build_llama(config) -> llama.Llama:
-    """The model of `config.model`, checked against `config.data.seq_len`."""
+    """The model of `config.model` (num_kv_heads 0: num_heads), checked against `config.data.seq_len`."""
     if config.data.seq_len > config.model.max_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
-    return llama.Llama(llama.LlamaConfig(**config.model.to_dict()))
+    fields = config.model.to_dict()
+    fields["num_kv_heads"] = fields.get("num_kv_heads") or None  # 0 in a config: as many as query heads
+    return llama.Llama(llama.LlamaConfig(**fields))
 
 
 def batch_tokens(batch) -> jax.Array:

@@ -102,6 +102,7 @@ def train_language_model(config: ConfigDict, workdir: str, model: llama.Llama, t
         "method": method.name, "steps": int(jax.device_get(state.step)), "seconds": elapsed,
         "params": report["total"], "trainable_params": report["trainable"],
         "optimizer_state_bytes": report["optimizer_state_bytes"],
+        "initial_eval_loss": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
     if evals:
