@@ -59,6 +59,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lorank import checks
+from lorank.data import arrays
 from lorank.data.tfds_text import truncate_or_pad
 
 ROLES = ("system", "user", "assistant")
@@ -391,23 +392,5 @@ def batch_fn(sequences: dict, batch_size: int, *, seed: int = 0) -> Callable[[in
     tokens, mask = np.asarray(sequences["tokens"]), np.asarray(sequences["loss_mask"])
     if tokens.ndim != 2 or mask.shape != (tokens.shape[0], tokens.shape[1] - 1):
         raise ValueError(f"tokens must be [M, T + 1] and loss_mask [M, T], got {tokens.shape} and {mask.shape}")
-    batch_size = checks.integer("batch_size", batch_size, minimum=1)
-    seed = checks.integer("seed", seed, minimum=0)
-    count = len(tokens)
-    if count < batch_size:
-        raise ValueError(f"{count} sequences are fewer than batch_size={batch_size}")
-    per_epoch = count // batch_size
-    tokens, mask = tokens.astype(np.int32), mask.astype(np.float32)
-
-    def batch(step: int, rows: np.ndarray | None = None) -> dict:
-        step = checks.integer("step", step, minimum=0)
-        epoch, index = divmod(step, per_epoch)
-        picks = np.random.default_rng([seed, epoch]).permutation(count)[index * batch_size:(index + 1) * batch_size]
-        if rows is not None:
-            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-            if rows.size and (rows.min() < 0 or rows.max() >= batch_size):
-                raise ValueError(f"rows must lie in [0, {batch_size}), got {rows.tolist()}")
-            picks = picks[rows]
-        return {"tokens": tokens[picks], "loss_mask": mask[picks]}
-
-    return batch
+    return arrays.epoch_batches({"tokens": tokens.astype(np.int32), "loss_mask": mask.astype(np.float32)},
+                                batch_size, seed=seed)

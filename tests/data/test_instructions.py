@@ -291,7 +291,7 @@ def test_batch_fn_rows_are_rows_of_the_global_batch():
         batch(3, np.array([4]))
     with pytest.raises(ValueError, match="step"):
         batch(-1)
-    with pytest.raises(ValueError, match="10 sequences are fewer than batch_size=11"):
+    with pytest.raises(ValueError, match="10 rows are fewer than batch_size=11"):
         instructions.batch_fn(seqs, 11)
     with pytest.raises(ValueError, match="loss_mask"):
         instructions.batch_fn({"tokens": seqs["tokens"]}, 2)

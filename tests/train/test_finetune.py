@@ -59,9 +59,12 @@ def held_out_loss(model, params, config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["adamw", "galore", "lora"])
+@pytest.mark.parametrize("method", ["adamw", "galore", "lora", "galore8bit:per_layer"])
 def test_every_method_starts_from_the_pretrained_model_and_lowers_the_held_out_loss(method, pretrained, tmp_path):
-    config = smoke_config(name=method, rank=4)
+    name, _, schedule = method.partition(":")
+    config = smoke_config(name=name, rank=4)
+    if schedule:
+        config.optim.update_schedule, config.optim.clip_scope = schedule, "per_leaf"
     summary = finetune_in(tmp_path, config, pretrained)
     _, model, params = pretrain.load_run(pretrained)
     first = next(r for r in metrics(tmp_path) if "eval_loss" in r)
