@@ -2,6 +2,7 @@
 
     python -m experiments.memory --config configs/memory.py:paper --workdir runs/memory
     python -m experiments.memory --config configs/memory.py:smoke --workdir runs/memory_smoke
+    python -m experiments.memory --config configs/memory.py:finetune --workdir runs/memory_finetune
 
 Rows accumulate in WORKDIR/memory.json (one row per size, method, update option and scheduler),
 so parts of the table can be measured separately; docs/memory.md shows every stored row.
@@ -15,10 +16,12 @@ from ml_collections import ConfigDict
 SMOKE_VARIANTS = {"smoke": "experiments.memory"}
 
 PAPER_METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "galore_adafactor", "lowrank", "lora", "relora")
+FINETUNE_METHODS = ("adamw", "adamw8bit", "galore", "galore8bit", "lora")
 
 
 def _base() -> ConfigDict:
     c = ConfigDict()
+    c.variant = "paper"  # this variant's name (the command lines the tables show)
     c.model_config = "configs/llama.py"  # config file whose variants are the sizes (repository-relative)
     c.sizes = ("60m", "130m", "350m", "1b", "7b")  # variants of model_config measured
     c.methods = PAPER_METHODS  # optim.name values measured at every size
@@ -32,13 +35,28 @@ def _base() -> ConfigDict:
     c.compile = True  # compile the train step (False: closed forms and eval_shape sizes only)
     c.write_docs = True  # rewrite the tables of docs/memory.md from the workdir's merged rows
     c.write_benchmarks = True  # also write the `memory` section of docs/benchmarks.md (+ bench_results JSON)
+    c.docs_block = "memory"  # the docs/memory.md markers (`<!-- BLOCK:start -->`) the tables go between
+    c.fit_bytes = 0  # > 0: a column per update option of whether the compiled peak is at most this many bytes
     return c
 
 
 def get_config(arg: str = "paper") -> ConfigDict:
     c = _base()
+    c.variant = arg
     if arg == "paper":
         pass
+    elif arg == "finetune":
+        # configs/finetune.py's LLaMA-architecture models of LLaMA-7B's and Gemma-2B's shapes (Gemma-2B:
+        # multi-query attention, tied embeddings), their optim.rank 128 for LoRA and GaLore.
+        c.model_config = "configs/finetune.py"
+        c.sizes = ("llama_7b", "gemma_2b")
+        c.methods = FINETUNE_METHODS
+        # per_layer needs untied embeddings and a full-rank method: gemma_2b and lora rows show n/a.
+        c.updates = ("global_clip", "per_layer")
+        c.seq_len = 512
+        c.docs_block = "memory_finetune"
+        c.fit_bytes = 24 * 10**9  # a 24 GB card, GB = 10^9 bytes
+        c.write_benchmarks = False
     elif arg == "smoke":
         c.sizes = ("smoke",)
         c.methods = ("galore8bit",)
@@ -47,5 +65,5 @@ def get_config(arg: str = "paper") -> ConfigDict:
         c.write_docs = False
         c.write_benchmarks = False
     else:
-        raise ValueError(f"unknown variant {arg!r} of configs/memory.py; expected paper or smoke")
+        raise ValueError(f"unknown variant {arg!r} of configs/memory.py; expected paper, finetune or smoke")
     return c

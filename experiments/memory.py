@@ -2,8 +2,10 @@
 
     python -m experiments.memory --config configs/memory.py:paper --workdir runs/memory
     python -m experiments.memory --config configs/memory.py:smoke --workdir runs/memory_smoke
+    python -m experiments.memory --config configs/memory.py:finetune --workdir runs/memory_finetune
 
-For each size (a variant of configs/llama.py), method (`optim.name`) and update option it reports
+For each size (a variant of `model_config`: configs/llama.py, or configs/finetune.py's LLaMA-architecture
+models of LLaMA-7B's and Gemma-2B's shapes for `finetune`), method (`optim.name`) and update option it reports
 
 - closed forms from the model shapes alone: parameter, gradient (trainable parameters) and
   optimizer-state bytes (`closed_form`; docs/memory.md states the formulas), next to the
@@ -18,11 +20,13 @@ all leaves gates every update), "per_leaf_clip" (`clip_scope="per_leaf"`: each l
 its own norm), "no_clip" (`clip_norm=0`), and "per_layer" (per-leaf clipping in an explicit
 per-layer schedule, `optim.update_schedule="per_layer"` (`lorank.train.per_layer`): back-propagate
 group by group and update each group's weights, the embedding and LM head in row chunks, before
-the next group's backward).
+the next group's backward; full-rank methods and untied embeddings only, `has_step`).
 
 Rows accumulate in WORKDIR/memory.json. With `write_docs`, the tables of docs/memory.md (between
-its `memory:start` / `memory:end` markers) are rewritten from them; with `write_benchmarks`, also
-the `memory` section of docs/benchmarks.md and docs/bench_results/memory.json.
+its `BLOCK:start` / `BLOCK:end` markers, BLOCK = `docs_block`: `memory`, or `memory_finetune`
+with a column per update option of whether the peak is at most `fit_bytes`) are rewritten from
+them; with `write_benchmarks`, also the `memory` section of docs/benchmarks.md and
+docs/bench_results/memory.json.
 """
 
 from __future__ import annotations
@@ -69,6 +73,14 @@ class Shapes:
     intermediate: int  # f
     layers: int  # L
     param_bytes: int  # bytes per stored parameter value (2 for bfloat16)
+    heads: int = 1  # query heads
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as query heads
+    tied: bool = False  # logits from the transposed embedding, no LM head
+
+    @property
+    def kv_size(self) -> int:
+        """K = kv_heads * head_dim, the output width of the k and v kernels (d without GQA)."""
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
     @classmethod
     def from_model_config(cls, model_config) -> "Shapes":
@@ -76,15 +88,39 @@ class Shapes:
         if dtype is None:
             raise ValueError(f"model.param_dtype={model_config.param_dtype!r} is not one of {sorted(llama.DTYPES)}")
         return cls(int(model_config.vocab_size), int(model_config.hidden_size),
-                   int(model_config.intermediate_size), int(model_config.num_layers), jnp.dtype(dtype).itemsize)
+                   int(model_config.intermediate_size), int(model_config.num_layers), jnp.dtype(dtype).itemsize,
+                   heads=int(model_config.num_heads), kv_heads=int(model_config.get("num_kv_heads") or 0),
+                   tied=bool(model_config.get("tie_embeddings", False)))
+
+    def llama_config(self) -> llama.LlamaConfig:
+        """The model's `llama.LlamaConfig` (shapes only), for lorank.models.llama's closed-form counts."""
+        return llama.LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                                 num_heads=self.heads, num_layers=self.layers, num_kv_heads=self.kv_heads or None,
+                                 tie_embeddings=self.tied)
 
 
 def leaf_shapes(s: Shapes) -> list[tuple[tuple[int, ...], bool]]:
     """Every parameter of the model as (shape, is_projected_kernel): embedding [V, d]; per block two
-    norms [d], q/k/v/o [d, d], gate/up [d, f], down [f, d]; final norm [d]; LM head [d, V]."""
-    d, f = s.hidden, s.intermediate
-    block = [((d,), False), ((d,), False)] + [((d, d), True)] * 4 + [((d, f), True)] * 2 + [((f, d), True)]
-    return [((s.vocab, d), False)] + block * s.layers + [((d,), False), ((d, s.vocab), False)]
+    norms [d], q and o [d, d], k and v [d, K] (K = kv_heads * head_dim, d without grouped-query
+    attention), gate/up [d, f], down [f, d]; final norm [d]; LM head [d, V] unless `s.tied`."""
+    d, f, k = s.hidden, s.intermediate, s.kv_size
+    block = ([((d,), False), ((d,), False), ((d, d), True), ((d, k), True), ((d, k), True), ((d, d), True)]
+             + [((d, f), True)] * 2 + [((f, d), True)])
+    head = [] if s.tied else [((d, s.vocab), False)]
+    return [((s.vocab, d), False)] + block * s.layers + [((d,), False)] + head
+
+
+def model_counts(s: Shapes, method: str, rank: int) -> tuple[int, int]:
+    """(parameters, trainable parameters) of `method` by lorank.models.llama's closed forms
+    (`param_count`, `lowrank_param_count`, `lora_param_count`)."""
+    cfg = s.llama_config()
+    if method == "lowrank":
+        n = llama.lowrank_param_count(cfg, rank)
+        return n, n
+    if method in methods.FACTORED:
+        return llama.lora_param_count(cfg, rank)
+    n = llama.param_count(cfg)
+    return n, n
 
 
 def q8_bytes(size: int, block_size: int, param_bytes: int) -> int:
@@ -107,7 +143,9 @@ def adafactor_values(shape: tuple[int, ...]) -> int:
 def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dict[str, int]:
     """Parameter, gradient and optimizer-state bytes of `method` from the shapes alone.
 
-    Conventions (what lorank stores; b = s.param_bytes):
+    Conventions (what lorank stores; b = s.param_bytes; the leaves of `leaf_shapes`, so k/v
+    kernels [d, K] with grouped-query attention and no LM head with tied embeddings; the
+    parameter and trainable counts are checked against lorank.models.llama's, `model_counts`):
       parameters: every weight in b bytes; lowrank replaces each kernel [m, n] by factors
         [m, r] + [r, n]; lora/relora keep the frozen kernel and add the factors.
       gradients: trainable parameters in b bytes (frozen LoRA kernels have none).
@@ -118,6 +156,7 @@ def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dic
       Scalar counters (step counts, refresh schedules) are left out.
     Raises:
       ValueError: unknown method.
+      AssertionError: the leaves disagree with lorank.models.llama's counts.
     """
     if method not in methods.METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {methods.METHODS}")
@@ -146,6 +185,9 @@ def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dic
             state += size * b
         else:
             state += 2 * inner_size * b
+    if (params, trainable) != model_counts(s, method, rank):
+        raise AssertionError(f"leaf_shapes gives {(params, trainable)} (parameters, trainable) for {method}, "
+                             f"lorank.models.llama {model_counts(s, method, rank)}")
     return {"param_bytes": params * b, "grad_bytes": trainable * b, "optimizer_state_bytes": state,
             "params": params, "trainable": trainable}
 
@@ -156,8 +198,8 @@ def closed_form(s: Shapes, method: str, rank: int, block_size: int = 256) -> dic
 def size_config(config, size: str, method: str, update: str):
     """The training config of `size` (a variant of `config.model_config`) for `method` and `update`.
 
-    The model takes `config.dtype` for parameters and compute and `config.remat`; clipping follows
-    `update` (UPDATES).
+    The model takes `config.dtype` for parameters and compute and `config.remat`, the step one batch of
+    `config.batch_size` sequences (no gradient accumulation); clipping follows `update` (UPDATES).
     """
     if update not in UPDATES:
         raise ValueError(f"unknown update option {update!r}; expected one of {UPDATES}")
@@ -167,6 +209,8 @@ def size_config(config, size: str, method: str, update: str):
     c.model.dtype = c.model.param_dtype = config.dtype
     c.model.remat = config.remat
     c.data.seq_len = int(config.seq_len)
+    c.train.batch_size = int(config.batch_size)
+    c.train.grad_accum = 1  # the measured step takes one batch [1, batch_size, seq_len + 1]
     c.model.max_len = max(int(c.model.max_len), int(config.seq_len))
     c.optim.name = method
     if update == "no_clip":
@@ -215,14 +259,24 @@ def abstract_step(c, method: methods.Method, model: llama.Llama) -> tuple[Callab
     return plan.step, plan.abstract_state
 
 
+def has_step(c, method_name: str, update: str) -> bool:
+    """Whether `update` applies: the per-layer step needs a full-rank method (the factored ones train
+    factors, not the model's weights) and untied embeddings (`llama.per_layer_stages`)."""
+    if update != "per_layer":
+        return True
+    return method_name not in methods.FACTORED and not bool(c.model.get("tie_embeddings", False))
+
+
 def measure(config, size: str, method_name: str, update: str, *, compile_step_too: bool = True) -> dict[str, Any]:
     """Closed forms, shape-derived sizes and (unless `compile_step_too` is False, or the update
-    option does not apply to the method) the compiled step's memory for one configuration.
+    option does not apply to the method and model, `has_step`) the compiled step's memory for one
+    configuration.
 
     Returns:
       {"size", "method", "update", "closed": closed_form(...), "params", "trainable",
        "param_bytes", "optimizer_state_bytes" (from eval_shape), "compiled": memory_stats(...)
-       or None, "compile_seconds"}.
+       or None, "compile_seconds", "compile_skipped": whether a step that applies was left
+       uncompiled}.
     """
     c = size_config(config, size, method_name, update)
     model = lm.build_llama(c)
@@ -231,8 +285,9 @@ def measure(config, size: str, method_name: str, update: str, *, compile_step_to
     closed = closed_form(Shapes.from_model_config(c.model), method_name, int(c.optim.rank), int(c.optim.block_size))
     row = {"size": size, "method": method_name, "update": update, "rank": int(c.optim.rank), "closed": closed,
            "params": report["total"], "trainable": report["trainable"], "param_bytes": report["param_bytes"],
-           "optimizer_state_bytes": report["optimizer_state_bytes"], "compiled": None, "compile_seconds": None}
-    if not compile_step_too or (update == "per_layer" and method_name in methods.FACTORED):
+           "optimizer_state_bytes": report["optimizer_state_bytes"], "compiled": None, "compile_seconds": None,
+           "compile_skipped": not compile_step_too and has_step(c, method_name, update)}
+    if not compile_step_too or not has_step(c, method_name, update):
         return row
     step, abstract_state = abstract_step(c, method, model)
     batch = jax.ShapeDtypeStruct((1, int(config.batch_size), int(config.seq_len) + 1), jnp.int32)
@@ -278,23 +333,39 @@ def sizes_table(rows: list[dict]) -> str:
     return benchlib.markdown_table(header, body)
 
 
-def peaks_table(rows: list[dict], updates: tuple[str, ...]) -> str:
-    """Markdown: compiled peak (temp) in GB per (size, method) and update option."""
+def fits(peak: int, fit_bytes: int) -> str:
+    """"yes" when a compiled peak of `peak` bytes is at most `fit_bytes`, else "no"."""
+    return "yes" if peak <= fit_bytes else "no"
+
+
+def peaks_table(rows: list[dict], updates: tuple[str, ...], fit_bytes: int = 0) -> str:
+    """Markdown: compiled peak (temp) in GB per (size, method) and update option; with `fit_bytes`,
+    also per update option whether the peak is at most `fit_bytes` bytes ("not compiled": the row
+    has closed forms only; "n/a": the update option does not apply)."""
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    fit: dict[tuple[str, str], dict[str, str]] = {}
     args: dict[tuple[str, str], str] = {}
     for r in rows:
         key = (r["size"], r["method"])
         cells.setdefault(key, {})
+        fit.setdefault(key, {})
         if r["compiled"] is not None:
             m = r["compiled"]
             cells[key][r["update"]] = f"{_gb(m['peak'])} ({_gb(m['temp'])})"
+            fit[key][r["update"]] = fits(m["peak"], fit_bytes)
             args.setdefault(key, _gb(m["argument"]))
         else:
-            cells[key].setdefault(r["update"], "n/a")
+            missing = "not compiled" if r.get("compile_skipped") else "n/a"
+            cells[key].setdefault(r["update"], missing)
+            fit[key].setdefault(r["update"], missing)
+    header = ["size", "method", "arguments GB"] + [f"{u} peak (temp) GB" for u in updates]
     body = [[size, method, args.get((size, method), "")] + [cells[(size, method)].get(u, "") for u in updates]
             for size, method in cells]
-    return benchlib.markdown_table(["size", "method", "arguments GB"] + [f"{u} peak (temp) GB" for u in updates],
-                                   body)
+    if fit_bytes:
+        header += [f"{u} peak <= {fit_bytes / 1e9:g} GB" for u in updates]
+        for line, (size, method) in zip(body, cells):
+            line += [fit[(size, method)].get(u, "") for u in updates]
+    return benchlib.markdown_table(header, body)
 
 
 def paper_comparison(rows: list[dict]) -> str:
@@ -311,29 +382,33 @@ def paper_comparison(rows: list[dict]) -> str:
 
 
 def _order(row: dict) -> tuple:
-    sizes = ("smoke", "tiny", "60m", "130m", "350m", "1b", "7b")
+    sizes = ("smoke", "tiny", "60m", "130m", "350m", "1b", "7b", "llama_7b", "gemma_2b")
     size = sizes.index(row["size"]) if row["size"] in sizes else len(sizes)
     return size, row["size"], methods.METHODS.index(row["method"]), UPDATES.index(row["update"])
 
 
-def tables_markdown(rows: list[dict]) -> str:
-    """The commands that measured `rows`, the closed-form table and the compiled-peak table."""
+def tables_markdown(rows: list[dict], fit_bytes: int = 0) -> str:
+    """The commands that measured `rows`, the closed-form table and the compiled-peak table (with
+    `fit_bytes`, its columns of whether each peak is at most that many bytes)."""
     rows = sorted(rows, key=_order)
     updates = tuple(u for u in UPDATES if any(r["update"] == u for r in rows))
     schedulers = ", ".join(sorted({f"`{r.get('xla_scheduler')}`" for r in rows}))
     commands = "\n".join(f"    {c}" for c in sorted({r.get("command", "") for r in rows}))
     return (f"Rows measured by\n\n{commands}\n\n**Closed forms** (GB = 1e9 bytes)\n\n{sizes_table(rows)}\n\n"
             f"**Compiled train step**: peak (temp) = argument + output - alias + temp, GB = 1e9 bytes; "
-            f"XLA scheduler {schedulers}\n\n{peaks_table(rows, updates)}\n\n{paper_comparison(rows)}").strip()
+            f"XLA scheduler {schedulers}\n\n{peaks_table(rows, updates, fit_bytes)}\n\n"
+            f"{paper_comparison(rows)}").strip()
 
 
-def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD) -> None:
-    """Replaces the text between `<!-- memory:start -->` and `<!-- memory:end -->` of docs/memory.md."""
-    benchlib.write_measured_block(path, "memory", tables_md)
+def write_memory_md(tables_md: str, path: pathlib.Path = MEMORY_MD, block: str = "memory") -> None:
+    """Replaces the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of docs/memory.md."""
+    benchlib.write_measured_block(path, block, tables_md)
 
 
-def command_line(config, variant: str = "paper") -> str:
-    """The command that measures `config`: the variant plus every field that differs from it."""
+def command_line(config, variant: str | None = None) -> str:
+    """The command that measures `config`: the variant (`config.variant`) plus every field that
+    differs from it, and the variant's workdir (runs/memory, runs/memory_VARIANT)."""
+    variant = variant or config.get("variant", "paper")
     base = config_files.load("configs/memory.py", variant)
     parts = [f"python -m experiments.memory --config configs/memory.py:{variant}"]
     for field in ("sizes", "methods", "updates", "dtype", "remat", "batch_size", "seq_len", "update_chunk",
@@ -344,7 +419,8 @@ def command_line(config, variant: str = "paper") -> str:
         if isinstance(value, (tuple, list)):
             value = value[0] if len(value) == 1 else f'"{tuple(value)!r}"'
         parts.append(f"--config.{field}={value}")
-    return " ".join(parts) + " --workdir runs/memory"
+    workdir = "runs/memory" if variant == "paper" else f"runs/memory_{variant}"
+    return " ".join(parts) + f" --workdir {workdir}"
 
 
 def check_config(config) -> None:
@@ -367,9 +443,10 @@ def run(config, workdir) -> dict[str, Any]:
     """Measures every (size, method, update) of `config`; merges the rows into workdir/memory.json.
 
     Returns:
-      {"rows": the merged rows}. With `config.write_docs`, the tables of docs/memory.md are
-      rewritten from the merged rows; with `config.write_benchmarks`, also the `memory` section
-      of docs/benchmarks.md and docs/bench_results/memory.json.
+      {"rows": the merged rows}. With `config.write_docs`, the tables of docs/memory.md (its
+      `config.docs_block` markers) are rewritten from the merged rows; with
+      `config.write_benchmarks`, also the `memory` section of docs/benchmarks.md and
+      docs/bench_results/memory.json.
     """
     check_config(config)
     workdir = pathlib.Path(workdir)
@@ -389,11 +466,11 @@ def run(config, workdir) -> dict[str, Any]:
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     merged = merge_rows(old, rows)
     path.write_text(json.dumps({"rows": merged}, indent=2) + "\n")
-    tables = tables_markdown(merged)
+    tables = tables_markdown(merged, int(config.get("fit_bytes", 0)))
     print(tables)
     command = command_line(config)
     if config.write_docs:
-        write_memory_md(tables)
+        write_memory_md(tables, block=config.get("docs_block", "memory"))
     if config.write_benchmarks:
         benchlib.write_section("memory", command, tables, {"rows": merged})
     return {"rows": merged}

@@ -146,3 +146,80 @@ def test_bad_configs_fail_before_compiling(tmp_path):
         memory.run(config, str(tmp_path))
     with pytest.raises(ValueError, match="unknown update option 'fused'"):
         memory.size_config(memory_config(), "smoke", "adamw", "fused")
+
+
+SMALL_TIED = '''
+from lorank import config_files
+
+
+def get_config(arg):
+    """configs/finetune.py:gemma_2b shrunk: V 512, D 256, F 512, 8 heads of 32, one kv head, 2 layers, tied."""
+    c = config_files.load("configs/finetune.py", "gemma_2b")
+    c.model.vocab_size, c.model.hidden_size, c.model.intermediate_size = 512, 256, 512
+    c.model.num_heads, c.model.num_kv_heads, c.model.num_layers = 8, 1, 2
+    c.optim.rank = 32
+    return c
+'''
+
+# V 512, D 256, F 512, K = 1 x 32, L 2, tied, r 32, bfloat16. Per block: norms 2 x 256, q/o 2 x 256^2,
+# k/v 2 x 256 x 32, gate/up 2 x 256 x 512, down 512 x 256 = 541,184; embedding 512 x 256 = 131,072;
+# final norm 256; no LM head.
+SMALL_PARAMS = 2 * 541_184 + 131_072 + 256
+# LoRA factors r (m + n): q/o 2 x 32 x 512, k/v 2 x 32 x 288, gate/up/down 3 x 32 x 768 per block.
+SMALL_FACTORS = 2 * (2 * 16_384 + 2 * 9_216 + 3 * 24_576)
+# GaLore r 32 projects kernels with min(m, n) > 32: q/o 32 x 256 + 2 x 32 x 256, gate/up/down
+# 32 x 256 + 2 x 32 x 512; k/v [256, 32] keep two full moments 2 x 8,192; norms 2 x 2 x 256 per block;
+# embedding 2 x 131,072; final norm 2 x 256.
+SMALL_GALORE_VALUES = 2 * (2 * 24_576 + 3 * 40_960 + 2 * 16_384 + 1_024) + 262_144 + 512
+
+
+def test_finetune_variant_closed_forms_for_gqa_and_tied_embeddings(tmp_path):
+    (tmp_path / "small.py").write_text(SMALL_TIED)
+    config = memory_config("finetune")
+    assert config.model_config == "configs/finetune.py" and config.sizes == ("llama_7b", "gemma_2b")
+    assert (config.seq_len, config.batch_size, config.dtype, config.remat) == (512, 1, "bfloat16", "full")
+    assert config.docs_block == "memory_finetune" and config.fit_bytes == 24 * 10**9 and not config.write_benchmarks
+    gemma = memory.Shapes.from_model_config(memory.size_config(config, "gemma_2b", "lora", "global_clip").model)
+    assert (gemma.kv_size, gemma.tied) == (256, True)
+    # 18 (2 x 2048^2 + 2 x 2048 x 256 + 3 x 2048 x 16384 + 2 x 2048) + 256000 x 2048 + 2048, no LM head.
+    assert memory.closed_form(gemma, "adamw", 128)["params"] == 2_506_172_416
+
+    config.model_config = str(tmp_path / "small.py")
+    config.sizes, config.compile, config.write_docs = ("small",), False, False
+    before = (REPO / "docs" / "memory.md").read_text()
+    rows = memory.run(config, str(tmp_path / "work"))["rows"]
+    assert (REPO / "docs" / "memory.md").read_text() == before
+    assert len(rows) == 2 * len(config.methods)
+    by = {(r["method"], r["update"]): r for r in rows}
+    for method in config.methods:  # eval_shape of init and tx.init agree; the state adds scalar counters only
+        row = by[(method, "global_clip")]
+        assert (row["params"], row["trainable"]) == (row["closed"]["params"], row["closed"]["trainable"])
+        assert 0 <= row["optimizer_state_bytes"] - row["closed"]["optimizer_state_bytes"] <= 16 * 20 + 64
+        assert row["compiled"] is None and row["compile_skipped"]
+        assert not by[(method, "per_layer")]["compile_skipped"]  # tied embeddings: no per-layer step
+
+    adamw, galore, lora = (by[(m, "global_clip")]["closed"] for m in ("adamw", "galore", "lora"))
+    assert adamw["params"] == adamw["trainable"] == SMALL_PARAMS == 1_213_696
+    assert adamw["param_bytes"] == adamw["grad_bytes"] == 2 * SMALL_PARAMS
+    assert adamw["optimizer_state_bytes"] == 4 * SMALL_PARAMS
+    assert galore["optimizer_state_bytes"] == 2 * SMALL_GALORE_VALUES == 1_348_608
+    assert lora["params"] == SMALL_PARAMS + SMALL_FACTORS == 1_463_552
+    assert lora["trainable"] == SMALL_FACTORS + 131_072 + 2 * 512 + 256 == 382_208
+    assert lora["grad_bytes"] == 2 * 382_208 and lora["optimizer_state_bytes"] == 4 * 382_208
+    s = memory.Shapes.from_model_config(memory.size_config(config, "small", "adamw", "global_clip").model)
+    assert [shape for shape, _ in memory.leaf_shapes(s)][1:9] == [(256,), (256,), (256, 256), (256, 32), (256, 32),
+                                                                    (256, 256), (256, 512), (256, 512)]
+    tables = memory.tables_markdown(rows, config.fit_bytes)
+    assert "| small | galore | | not compiled | n/a | not compiled | n/a |" in tables.replace("|  |", "| |")
+    assert "global_clip peak <= 24 GB" in tables
+
+
+def test_fit_column_compares_the_peak_with_fit_bytes():
+    def row(method, peak):
+        compiled = {"argument": peak, "output": 0, "alias": 0, "temp": 0, "peak": peak}
+        return {"size": "x", "method": method, "update": "global_clip", "compiled": compiled}
+
+    table = memory.peaks_table([row("adamw", 24 * 10**9), row("lora", 24 * 10**9 + 1)], ("global_clip",), 24 * 10**9)
+    assert "| x | adamw | 24.000 | 24.000 (0.000) | yes |" in table
+    assert "| x | lora | 24.000 | 24.000 (0.000) | no |" in table
+    assert "<=" not in memory.peaks_table([row("adamw", 1)], ("global_clip",))
