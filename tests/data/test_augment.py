@@ -124,7 +124,7 @@ def test_gaussian_blur_matches_numpy_reflect_convolution():
 
 def test_jit_equals_eager():
     x = images(2, 8, 8)
-    cfg = A.SimCLRAugment(blur_prob=0.5, out_size=6)
+    cfg = A.SimCLRAugment(out_size=6)
     np.testing.assert_allclose(_jitted(cfg)(jax.random.key(8), x), A.augment(jax.random.key(8), x, cfg), atol=1e-5)
 
 
@@ -150,3 +150,16 @@ def test_bad_images_are_refused_before_compute():
         A.augment(jax.random.key(0), (images() * 255).astype(np.uint8), cfg)
     gray_ok = A.SimCLRAugment(jitter_prob=0.0, gray_prob=0.0)
     assert _jitted(gray_ok)(jax.random.key(0), images(c=1)).shape == (4, 16, 16, 1)
+
+
+def test_views_of_real_cifar10_images(shared_data):
+    from lorank.data.images import CIFAR10_ARCHIVE, load_cifar10
+
+    archive = shared_data / CIFAR10_ARCHIVE
+    if not archive.is_file():
+        pytest.skip(f"CIFAR-10 archive {archive} not found")
+    x, _ = load_cifar10(archive, split="test", max_per_class=1)
+    v1, v2 = (np.asarray(v) for v in jax.jit(A.two_views)(jax.random.key(9), x))
+    assert v1.shape == v2.shape == (10, 32, 32, 3) and v1.dtype == np.float32
+    assert 0.0 <= min(v1.min(), v2.min()) and max(v1.max(), v2.max()) <= 1.0
+    assert not np.allclose(v1, v2) and not np.allclose(v1, x)
