@@ -13,7 +13,8 @@
   similar training examples vote with weights exp(similarity / temperature) (InstDisc,
   SimCLR's kNN monitor; k = 200, T = 0.1) or one vote each (`weighted=False`).
 - `embedding_spectrum` / `embedding_effective_rank`: singular values and effective rank
-  (`lorank.analysis.spectrum.effective_rank`) of the row-normalized, centered embeddings.
+  (`lorank.analysis.spectrum.effective_rank`) of the row-normalized, centered embeddings;
+  `effective_rank` of a given spectrum.
 - `probe_evaluator`: all of it as a `lorank.train.loop.Evaluator` of a training run.
 """
 
@@ -271,6 +272,15 @@ def embedding_effective_rank(z: Any, *, normalize: bool = True) -> jax.Array:
     """Effective rank exp(H(sigma / sum sigma)) (`lorank.analysis.spectrum.effective_rank`) of the
     row-normalized, centered embeddings: ~D for isotropic [N, D] embeddings, 1 for rank-one ones. [] float."""
     return spectrum.effective_rank(_centered_normalized(z, normalize))
+
+
+def effective_rank(singular_values: Any) -> jax.Array:
+    """Effective rank exp(H(sigma / sum sigma)) of a spectrum [K] (e.g. `embedding_spectrum`'s), by
+    `lorank.analysis.spectrum.effective_rank` of diag(sigma), whose singular values are sigma. [] float."""
+    s = jnp.asarray(singular_values, jnp.float32)
+    if s.ndim != 1 or s.shape[0] == 0:
+        raise ValueError(f"singular values must be a non-empty vector [K], got shape {s.shape}")
+    return spectrum.effective_rank(jnp.diag(jnp.abs(s)))
 
 
 def probe_evaluator(features_fn: Callable[[Any, Any, jax.Array], jax.Array], train_images: Any, train_labels: Any,

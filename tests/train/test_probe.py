@@ -118,6 +118,11 @@ def test_effective_rank_of_isotropic_and_rank_one_embeddings():
     np.testing.assert_allclose(float(P.embedding_effective_rank(one)), 1.0, atol=1e-3)
     s = np.asarray(P.embedding_spectrum(one))
     assert s.shape == (16,) and s[1] < 1e-3 * s[0]
+    spec = np.asarray(P.embedding_spectrum(iso))
+    np.testing.assert_allclose(float(P.effective_rank(spec)), float(P.embedding_effective_rank(iso)), rtol=1e-5)
+    np.testing.assert_allclose(float(P.effective_rank(np.ones(5))), 5.0, rtol=1e-5)
+    p = spec / spec.sum()
+    np.testing.assert_allclose(float(P.effective_rank(spec)), np.exp(-np.sum(p * np.log(p))), rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(16,\)"):
         P.embedding_spectrum(np.ones(16))
 
