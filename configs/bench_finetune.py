@@ -27,8 +27,8 @@ def _finetune(variant: str) -> ConfigDict:
 def _base() -> ConfigDict:
     c = ConfigDict()
     c.runs = "adamw,galore:8,galore:32,lora:8,lora:32"  # METHOD or METHOD:RANK, comma-separated; first: baseline
-    c.base_lr = 1e-3  # peak learning rate at multiplier 1, for every method
-    c.lr_multipliers = "0.5,1,2,4"  # peak learning rates tried per run, times base_lr; each run keeps its best
+    c.base_lr = 2e-3  # peak learning rate at multiplier 1, for every method
+    c.lr_multipliers = "1,2,4,8"  # peak learning rates tried per run, times base_lr; each run keeps its best
     c.lora_alpha_per_rank = 2.0  # LoRA's alpha = this x rank (its update scale alpha / rank)
     c.variant = "bench"  # this variant's name, for the command written to the docs
     c.section = "bench_finetune"  # section of docs/benchmarks.md and name of the figure

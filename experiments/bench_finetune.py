@@ -87,7 +87,7 @@ def train_entry(config, name: str, rank: int | None, lr: float, workdir: pathlib
     result = benchlib.run_summary(records, summary)
     retain = curve(records, "eval_loss/retain")
     result.update(peak_lr=lr, retain_curve=retain, final_retain_loss=retain[-1][1],
-                  final_perplexity=summary.get("eval_perplexity"))
+                  final_perplexity=curve(records, "eval_perplexity")[-1][1])
     return result
 
 
@@ -110,6 +110,8 @@ def plot(results: dict[str, dict], start: dict[str, float], path: pathlib.Path, 
         for ax, points in zip(axes, (r["eval_curve"], r["retain_curve"])):
             steps, losses = zip(*points)
             ax.plot(steps, losses, marker=".", label=f"{key} ({losses[-1]:.3f})")
+    low = min(r["final_eval_loss"] for r in results.values())
+    axes[0].set_ylim(low - 0.05, low + 0.6)  # the start (far above) is in the legend
     for ax, label, what in zip(axes, ("held-out Python source", "Shakespeare validation (retained)"),
                                ("eval_loss", "retain_loss")):
         ax.axhline(start[what], color="gray", ls=":", label=f"pretrained ({start[what]:.3f})")
