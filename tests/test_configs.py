@@ -338,6 +338,29 @@ HEADLINES = {
     "joma_hierarchy:table_smoke": _joma_hierarchy,
     "finetune:smoke": _finetune,
     "bench_finetune:smoke": _bench_finetune,
+    "noncontrastive_dynamics:all_smoke": lambda out: {
+        "phase: simulated starts end at the predicted stationary point": (
+            out["phase"]["simulated_agree_fraction"], 1.0, 1.0),
+        "phase: |p*_- / (eta / tau) - 1| at eta = 1e-4": (out["phase"]["approx_rel_error_smallest_eta"], 0.0, 1e-3),
+        "basin: p*_-(1 + 5%) reaches p*_+": (out["basin"]["above_to_p_plus_fraction"], 1.0, 1.0),
+        "basin: p*_-(1 - 5%) collapses": (out["basin"]["below_to_zero_fraction"], 1.0, 1.0),
+        "basin: past tau^2 = 4 eta (1 + sigma^2) every start collapses": (
+            out["basin"]["beyond_edge_collapse_fraction"], 1.0, 1.0),
+        "basin: p*_- within 10% of eta / tau at eta = 1e-3": (
+            out["basin"]["approx_rel_error_at_smallest_eta"], 0.0, 0.1),
+        "collapse: ODE vs expm(-H t) closed form": (out["collapse"]["closed_form_max_abs_error"], 0.0, 1e-6),
+        "collapse: largest ||W(t1)|| / ||W(0)|| (e^{-eta t1} = 0.0498)": (
+            out["collapse"]["final_norm_ratio_max"], 0.0, 0.05),
+        "invariance: max |s - p^2 / alpha_p - c e^{-2 eta t}|": (out["invariance"]["residual_max"], 0.0, 1e-5),
+        "invariance: the trajectories moved": (out["invariance"]["s_change_max"], 0.1, 10.0),
+        "byol: ODE vs SGD, max |s_ode - s| / max s": (out["byol"]["s_error_over_top_max"], 0.0, 0.08),
+        "byol: ODE vs SGD, max |p_ode - p| / |p| (non-collapsed)": (out["byol"]["p_rel_error_live_max"], 0.0, 0.05),
+        "byol: non-collapsed directions end at p*_+": (out["byol"]["final_p_live_rel_error_to_p_plus"], 0.0, 0.05),
+        "byol: some directions survive, some collapse": (out["byol"]["live_directions"], 2, 5),
+        "alignment: ||[F, W_p]|| / (||F|| ||W_p||) at the start": (out["alignment"]["alignment_start"], 0.2, 1.5),
+        "alignment: ... at the end": (out["alignment"]["alignment_end"], 0.0, 0.01),
+        "alignment: balance follows e^{-2 eta t} under SGD": (out["alignment"]["balance_rel_deviation_max"], 0.0, 0.1),
+    },
 }
 
 
