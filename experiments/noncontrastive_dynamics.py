@@ -33,6 +33,12 @@ def _np(a) -> np.ndarray:
     return np.asarray(a, np.float64)
 
 
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """`benchlib.markdown_table` with the norms' bars escaped, so that ||W|| does not split a cell."""
+    esc = lambda v: v.replace("|", "\\|") if isinstance(v, str) else v  # noqa: E731
+    return benchlib.markdown_table([esc(h) for h in header], [[esc(v) for v in row] for row in rows])
+
+
 # ----- the 1-D reduced dynamics ------------------------------------------------------------------
 
 def phase(c, workdir: pathlib.Path) -> dict[str, Any]:
@@ -101,7 +107,7 @@ def phase(c, workdir: pathlib.Path) -> dict[str, Any]:
     body = (f"The 1-D reduced dynamics at tau = {c.tau:g}, sigma^2 = {c.sigma2:g}; existence needs "
             f"eta <= tau^2 / (4 (1 + sigma^2)) = {c.tau**2 / (4 * (1 + c.sigma2)):.4g}. Slopes d(dp/dt)/dp at each "
             "stationary point (negative: stable):\n\n"
-            + benchlib.markdown_table(["eta", "p*_+- exist", "p*_-", "p*_+", "slope at 0", "slope at p*_-",
+            + _table(["eta", "p*_+- exist", "p*_-", "p*_+", "slope at 0", "slope at p*_-",
                                        "slope at p*_+"], rows)
             + f"\n\nSimulated (Tsit5, float64, {c.horizon:g} / eta) from p*_- (1 +- {c.delta:g}), "
             f"p*_+ (1 +- {c.delta:g}), 2 p*_- and p*_- / 2 at eta = {c.traj_eta:g}: {int(agree.sum())} of "
@@ -251,7 +257,7 @@ def collapse(c, workdir: pathlib.Path) -> dict[str, Any]:
     body = (f"d_in = {c.d_in}, d_out = {c.d_out}, X = A A^T / d_in + 0.1 I, X' = B B^T / d_in of rank {c.aug_rank} "
             f"(singular), eta = {c.eta:g}, {c.num_starts} starts W(0) ~ N(0, 1/d_in) vmapped, Tsit5 at rtol 1e-8 in "
             f"float64 to t = {c.horizon:g}:\n\n"
-            + benchlib.markdown_table(["variant", "lambda_min(H)", "lambda_max(H)", "max ||W(t1)|| / ||W(0)||",
+            + _table(["variant", "lambda_min(H)", "lambda_max(H)", "max ||W(t1)|| / ||W(0)||",
                                        "exp(-lambda_min t1)", "max error vs expm"], rows)
             + f"\n\nEvery start decays to zero; the largest deviation from expm(-H t) vec W(0) is {worst:.2g}.")
     summary["closed_form_max_abs_error"] = worst
@@ -403,7 +409,7 @@ def byol(c, workdir: pathlib.Path) -> dict[str, Any]:
             f"by jax.grad in one lax.scan. The ODE (`amplitude_field`, the eigenvalue dynamics in (p, w, a)) starts at "
             f"the first save with commutator alignment below {c.align_threshold:g}: t0 = {summary['t0']:g} "
             f"(alignment {summary['alignment_at_t0']:.3g}), from the measured p_j, s_j, tau_j.\n\n"
-            + benchlib.markdown_table(
+            + _table(
                 ["quantity (t >= t0)", "max relative error"],
                 [["s_j, all directions, relative to max_j s_j", summary["s_error_over_top_max"]],
                  [f"s_j, the {int(live.sum())} non-collapsed directions, relative to s_j",
@@ -452,7 +458,7 @@ def alignment(c, workdir: pathlib.Path) -> dict[str, Any]:
     body = ("The run of the previous figure. Commutator alignment ||F W_p - W_p F||_F / (||F||_F ||W_p||_F) with "
             "F = W W^T, the asymmetry of W_p, and the balance B = W_p^T W_p / alpha_p - W W^T, which the gradient flow "
             "carries as B(t) = e^{-2 eta t} B(0) (for any target):\n\n"
-            + benchlib.markdown_table(["t", "alignment", "||W_p - W_p^T|| / ||W_p||", "||B||_F",
+            + _table(["t", "alignment", "||W_p - W_p^T|| / ||W_p||", "||B||_F",
                                        "||B(t) - e^{-2 eta t} B(0)|| / ||B(0)||"], rows)
             + f"\n\nThe alignment falls from {summary['alignment_start']:.3g} to {summary['alignment_end']:.2g}; the "
             f"balance follows e^{{-2 eta t}} B(0) to within {100 * summary['balance_rel_deviation_max']:.2g}% of "
