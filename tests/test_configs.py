@@ -316,6 +316,24 @@ def _bench_finetune(out):
     return checks
 
 
+def _noncontrastive(out):
+    return {"final loss (2 - 2 cos, from about 1.7)": (out["loss"], 0.2, 1.3),
+            "collapse std (1/sqrt(16) = 0.25 spread, 0 collapsed)": (out["collapse_std"], 0.02, 0.25),
+            "linear probe accuracy (10 classes)": (out["probe/linear_acc"], 0.1, 0.6),
+            "random-network probe accuracy": (out["random_network"]["probe/linear_acc"], 0.1, 0.6),
+            "DirectPred's W_p commutes with F": (out["align/commutator"], 0.0, 1e-4), "steps": (out["steps"], 24, 24)}
+
+
+def _bench_noncontrastive(out):
+    v = out["variants"]
+    return {"no predictor / DirectPred collapse std": (v["no_predictor"]["collapse_std"]
+                                                      / v["directpred"]["collapse_std"], 0.1, 0.9),
+            "no predictor collapses (check)": (float(out["checks"]["no_predictor collapses (std < 0.25 / sqrt(d))"]),
+                                               1, 1),
+            "DirectPred probe accuracy": (v["directpred"]["probe/linear_acc"], 0.1, 0.6),
+            "checks made": (len(out["checks"]), 2, 2)}
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -338,6 +356,8 @@ HEADLINES = {
     "joma_hierarchy:table_smoke": _joma_hierarchy,
     "finetune:smoke": _finetune,
     "bench_finetune:smoke": _bench_finetune,
+    "noncontrastive:smoke": _noncontrastive,
+    "bench_noncontrastive:smoke": _bench_noncontrastive,
     "noncontrastive_dynamics:all_smoke": lambda out: {
         "phase: simulated starts end at the predicted stationary point": (
             out["phase"]["simulated_agree_fraction"], 1.0, 1.0),

@@ -6,6 +6,11 @@ first `max_per_class` files of each class in sorted file-name order, so it is th
 same on every machine. Decoded arrays are cached as uint8 npz files under
 `$LORANK_CACHE` (default `~/.cache/lorank`).
 
+`load_images(source, split, ...)` reads any of the three sources an SSL config names:
+"folder_tar" (such an archive, by default the CIFAR-10 one), "tfds" (CIFAR-10, CIFAR-100,
+STL-10 with its "unlabelled" split, ... prepared as array_record in a data_dir; never
+downloads) and "npz" (a file of `images` uint8 [N, H, W, C] and `labels`).
+
 `data_root()` is where shared data files live (`$LORANK_DATA`, else `../shared/data`
 beside the repository); `cifar10_archive` and `load_cifar10` find and read the
 CIFAR-10 JPEG archive there; `pool_flatten` turns images into the low-dimensional
@@ -57,6 +62,18 @@ def pool_flatten(images: np.ndarray, pool: int, grayscale: bool) -> np.ndarray:
     if grayscale:
         x = x.mean(axis=-1, keepdims=True)
     return x.reshape(n, -1)
+
+
+def downsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """[N, H, W, C] -> [N, H / factor, W / factor, C] by average pooling (factor 1: unchanged)."""
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"downsample factor={factor!r} must be a positive integer")
+    if factor == 1:
+        return images
+    n, h, w, ch = images.shape
+    if h % factor or w % factor:
+        raise ValueError(f"downsample factor={factor} must divide the image size {h}x{w}")
+    return images.reshape(n, h // factor, factor, w // factor, factor, ch).mean(axis=(2, 4))
 
 
 def cache_dir() -> pathlib.Path:
@@ -160,3 +177,48 @@ def _decode(data: bytes, where: str, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"image {where} is {arr.shape[1]}x{arr.shape[0]}, expected "
                          f"{size[1]}x{size[0]}")
     return arr
+
+
+IMAGE_SOURCES = ("folder_tar", "tfds", "npz")
+
+
+def load_images(source: str, split: str, *, path: str | os.PathLike = "", tfds_name: str = "cifar10",
+                data_dir: str | os.PathLike = "~/tensorflow_datasets", max_per_class: int | None = None,
+                max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 [N, H, W, C] in [0, 1], labels int32 [N]) of one split of an image source.
+
+    Args:
+      source: "folder_tar" (`path`, default the CIFAR-10 archive), "tfds" (`tfds_name` prepared in
+        `data_dir`; unlabeled splits get label -1) or "npz" (`path`, arrays `images` and `labels`).
+      split: e.g. "train", "test" (tfds STL-10 also "unlabelled").
+      max_per_class: folder_tar: the first this many images of each class (sorted file names).
+      max_images: tfds / npz: the first this many records.
+    Raises:
+      ValueError: an unknown source, or images that are not [N, H, W, C] uint8 / in [0, 1].
+      FileNotFoundError: a missing archive, file or unprepared tfds dataset (named).
+    """
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"unknown image source {source!r}; expected one of {IMAGE_SOURCES}")
+    if source == "folder_tar":
+        images, labels = load_image_folder_tar(cifar10_archive(path), split, max_per_class)
+    elif source == "npz":
+        file = pathlib.Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"image file {file} not found")
+        with np.load(file) as z:
+            if "images" not in z or "labels" not in z:
+                raise ValueError(f"{file} must hold arrays 'images' and 'labels', has {sorted(z.files)}")
+            images, labels = z["images"][:max_images], z["labels"][:max_images].astype(np.int32)
+    else:
+        from lorank.data.tfds_text import open_tfds_source
+
+        records = open_tfds_source(tfds_name, split, data_dir)
+        count = len(records) if max_images is None else min(max_images, len(records))
+        items = [records[i] for i in range(count)]
+        images = np.stack([np.asarray(r["image"]) for r in items])
+        labels = np.asarray([int(r.get("label", -1)) for r in items], np.int32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape} from {source} {split}")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0, labels
+    return images.astype(np.float32), labels
