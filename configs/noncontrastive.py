@@ -109,6 +109,7 @@ def _base() -> ConfigDict:
     c.eval = ConfigDict()
     c.eval.knn_k = (200, 20)  # kNN neighbours of the probe (weighted k=200, T=0.1 and k=20), at most the probe images
     c.eval.probe_batch = 256  # images per feature batch of the probe
+    c.eval.align_every = 500  # steps between eigenspace-alignment records of linear predictors (cheap: eigh of F)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # data-parallel ways (-1: all devices)
@@ -164,6 +165,7 @@ def cpu() -> ConfigDict:
     c.train.log_every = 50
     c.train.eval_every = 500
     c.train.checkpoint_every = 500
+    c.eval.align_every = 50
     c.optim.lr = 0.05
     return c
 
@@ -184,6 +186,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         c.train.batch_size = 32
         c.train.log_every = 6
         c.train.eval_every = 12
+        c.eval.align_every = 12
         c.train.checkpoint_every = 12
         return c
     for dataset in IMAGES:

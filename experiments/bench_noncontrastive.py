@@ -112,7 +112,7 @@ def plot_eigenvalues(results: dict[str, dict], path: pathlib.Path) -> None:
     names = [n for n in ("directpred", "sgd_linear", "directcopy") if n in results]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        records = [x for x in results[name]["records"] if "align/f_eig_0" in x]
+        records = [x for x in results[name]["records"] if "align/f_eig_0" in x and x["step"] > 0]  # F = 0 at 0
         steps = [x["step"] for x in records]
         top = sorted(k for k in records[-1] if k.startswith("align/f_eig_"))
         f_max = [max(x["align/f_eig_0"], 1e-12) for x in records]

@@ -60,7 +60,7 @@ def build(config: ConfigDict, data: dict[str, np.ndarray]):
                                         data["test_y"], num_classes=num_classes, every=loop_config.eval_every,
                                         knn_k=tuple(config.eval.knn_k), batch_size=config.eval.probe_batch)]
     if cfg.predictor in LINEAR_PREDICTORS:
-        evaluators.append(ssl.alignment_evaluator(loop_config.eval_every))
+        evaluators.append(ssl.alignment_evaluator(config.eval.align_every))
     batches = arrays.epoch_batches({"images": data["train"]}, loop_config.batch_size, seed=config.data.seed)
     task = ssl.make_task(encoder, cfg, aug, batches, image_shape=shape, total_steps=loop_config.steps,
                          evaluators=tuple(evaluators), items_per_step=loop_config.batch_size)
