@@ -39,6 +39,7 @@ from typing import Any, Callable
 from experiments import benchlib, cli
 from lorank.data import text
 from lorank.models import llama
+from lorank.train import lm
 
 REPO_ROOT = benchlib.REPO_ROOT
 PRETRAINING_MD = REPO_ROOT / "docs" / "pretraining.md"
@@ -242,7 +243,7 @@ def run_ours(config, corpus_path: str | None, root: str, index: int, log, keep_d
     summary = parse_ours_log(proc["output"])
     saved = json.loads((workdir / "config.json").read_text())
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    model_cfg = llama.LlamaConfig(**saved["model"])
+    model_cfg = lm.llama_config(saved["model"])
     seq_len, batch = int(saved["data"]["seq_len"]), int(saved["train"]["batch_size"])
     fpt = llama.train_flops_per_token(model_cfg, seq_len)
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]

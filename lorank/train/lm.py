@@ -26,13 +26,18 @@ from lorank.train import loop as loop_lib, per_layer
 from lorank.train.loop import LoopConfig, Task
 
 
+def llama_config(model_section) -> llama.LlamaConfig:
+    """The `LlamaConfig` of a config's `model` section (a ConfigDict or dict; num_kv_heads 0: num_heads)."""
+    fields = dict(model_section.to_dict() if hasattr(model_section, "to_dict") else model_section)
+    fields["num_kv_heads"] = fields.get("num_kv_heads") or None  # 0 in a config: as many as query heads
+    return llama.LlamaConfig(**fields)
+
+
 def build_llama(config) -> llama.Llama:
-    """The model of `config.model` (num_kv_heads 0: num_heads), checked against `config.data.seq_len`."""
+    """The model of `config.model` (`llama_config`), checked against `config.data.seq_len`."""
     if config.data.seq_len > config.model.max_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
-    fields = config.model.to_dict()
-    fields["num_kv_heads"] = fields.get("num_kv_heads") or None  # 0 in a config: as many as query heads
-    return llama.Llama(llama.LlamaConfig(**fields))
+    return llama.Llama(llama_config(config.model))
 
 
 def batch_tokens(batch) -> jax.Array:
