@@ -62,8 +62,7 @@ def train_variant(config, name: str, workdir: pathlib.Path) -> dict:
     summary = noncontrastive.run(cfg, str(run_dir), log=lambda line: print(f"[{name}] {line}", flush=True))
     records = curves.read_metrics(str(run_dir / loop_lib.METRICS_FILE))
     rates = [r["images_per_s"] for r in records if "images_per_s" in r]
-    return {**noncontrastive.summarize(records), "steps": summary["steps"], "records": records,
-            "images_per_s": sorted(rates)[len(rates) // 2] if rates else None}
+    return {**summary, "records": records, "images_per_s": sorted(rates)[len(rates) // 2] if rates else None}
 
 
 def checks(results: dict[str, dict], dim: int) -> dict[str, bool]:

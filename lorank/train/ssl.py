@@ -26,7 +26,6 @@ effective rank.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -183,17 +182,16 @@ def make_task(encoder: Encoder, cfg: NonContrastiveConfig, aug: augment_lib.SimC
 
     def init_extra(key, boxed_params):
         k_target, _ = jax.random.split(key)
-        online_vars = encoder.init(jax.random.key(0), sample, train=False)
-        extra = {"online_stats": online_vars.get("batch_stats", {}), "corr": jnp.zeros((dim, dim), jnp.float32)}
+        target_vars = encoder.init(k_target, sample, train=False)
+        stats = target_vars.get("batch_stats", {})  # BatchNorm statistics start the same for every key
+        extra = {"online_stats": stats, "corr": jnp.zeros((dim, dim), jnp.float32)}
         if predictor is not None:
             extra["predictor_stats"] = predictor.init(jax.random.key(0), jnp.zeros((2, dim)),
                                                       train=False).get("batch_stats", {})
         if cfg.method == "byol":
-            if cfg.target_init == "copy":
-                target_params = jax.tree.map(lambda x: x, nn.unbox(boxed_params)["online"])
-            else:
-                target_params = encoder.init(k_target, sample, train=False)["params"]
-            extra["target"] = {"params": target_params, "batch_stats": online_vars.get("batch_stats", {})}
+            copied = cfg.target_init == "copy"
+            target_params = nn.unbox(boxed_params)["online"] if copied else target_vars["params"]
+            extra["target"] = {"params": target_params, "batch_stats": stats}
         return extra
 
     def predict(params, extra, z, train):
@@ -232,9 +230,8 @@ def make_task(encoder: Encoder, cfg: NonContrastiveConfig, aug: augment_lib.SimC
                                "params": ema_update(extra["target"]["params"], params["online"], rate)}
         f = aux["f"]
         half = f.shape[0] // 2
-        stepped = directpred.update_correlation(extra["corr"], f[:half], f[half:], cfg.rho, centered=cfg.centered)
-        first = directpred.update_correlation(extra["corr"], f[:half], f[half:], 0.0, centered=cfg.centered)
-        corr = jnp.where(step == 1, first, stepped)
+        rho = jnp.where(step == 1, 0.0, cfg.rho)  # the first step sets F = E[f f^T]
+        corr = directpred.update_correlation(extra["corr"], f[:half], f[half:], rho, centered=cfg.centered)
         extra["corr"] = corr
         if cfg.predictor in SET_PREDICTORS:
             w = predictor_from_corr(cfg, corr)
@@ -269,12 +266,18 @@ def set_predictor_kernel(predictor_params, w: jax.Array):
     return {**predictor_params, "dense": {**predictor_params["dense"], "kernel": kernel}}
 
 
+def _aligned_spectra(f: jax.Array, w_p: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Eigenvalues of F and of sym(W_p), largest first ([d] each), and the |cos| between their
+    eigenvectors of the same rank ([d])."""
+    f_eig, u_f = jnp.linalg.eigh(f)
+    w_eig, u_w = jnp.linalg.eigh((w_p + w_p.T) / 2)
+    return f_eig[::-1], w_eig[::-1], jnp.abs(jnp.sum(u_f[:, ::-1] * u_w[:, ::-1], axis=0))
+
+
 def eigenbasis_cosines(f: jax.Array, w_p: jax.Array) -> jax.Array:
     """|cos| between each eigenvector of F and the eigenvector of sym(W_p) of the same rank
     (both sorted by eigenvalue, largest first). f, w_p [d, d] -> [d]."""
-    _, u_f = jnp.linalg.eigh(f)
-    _, u_w = jnp.linalg.eigh((w_p + w_p.T) / 2)
-    return jnp.abs(jnp.sum(u_f[:, ::-1] * u_w[:, ::-1], axis=0))
+    return _aligned_spectra(f, w_p)[2]
 
 
 def alignment_evaluator(every: int, top: int = 8) -> loop_lib.Evaluator:
@@ -287,10 +290,8 @@ def alignment_evaluator(every: int, top: int = 8) -> loop_lib.Evaluator:
         def measure(params, extra):
             w_p = predictor_kernel(params["predictor"])
             f = extra["corr"]
-            cos = eigenbasis_cosines(f, w_p)
-            f_eig = jnp.linalg.eigvalsh(f)[::-1][:top]
-            w_eig = jnp.linalg.eigvalsh((w_p + w_p.T) / 2)[::-1][:top]
-            return directpred.commutator_alignment(f, w_p), jnp.mean(cos[:top]), f_eig, w_eig
+            f_eig, w_eig, cos = _aligned_spectra(f, w_p)
+            return directpred.commutator_alignment(f, w_p), jnp.mean(cos[:top]), f_eig[:top], w_eig[:top]
 
         def evaluate(state):
             comm, cos, f_eig, w_eig = jax.device_get(measure(state.params, state.extra))
@@ -328,8 +329,3 @@ def sgd(lr: float, total_steps: int, *, momentum: float = 0.9, weight_decay: flo
     else:
         schedule = lr
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
-
-
-def steps_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:
-    """Optimizer steps of `epochs` passes over `num_images` at `batch_size` (at least 1)."""
-    return max(1, int(math.ceil(epochs * (num_images // batch_size))))
