@@ -14,6 +14,8 @@ Overrides: `--config.steps=200`, `--config.cifar.max_per_class=50`, ...
 
 import ml_collections
 
+from lorank import config_files
+
 
 def _cifar(max_per_class: int) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -145,11 +147,7 @@ SMOKE_VARIANTS = {
 
 def get_config(arg: str = "linear_cl") -> ml_collections.ConfigDict:
     """`NAME` or `NAME_smoke` for NAME in VARIANTS."""
-    smoke = arg.endswith("_smoke")
-    name = arg[: -len("_smoke")] if smoke else arg
-    if name not in VARIANTS:
-        choices = sorted(VARIANTS) + sorted(f"{v}_smoke" for v in VARIANTS)
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {choices}")
+    name, smoke = config_files.smoke_variant(arg, VARIANTS)
     config = VARIANTS[name](smoke)
     config.variant = arg  # the variant name, recorded in metrics.json
     return config

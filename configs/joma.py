@@ -21,6 +21,8 @@ Overrides: `--config.steps=500`, `--config.temperatures=(0.5,)`, ...
 
 import ml_collections
 
+from lorank import config_files
+
 
 def invariants(smoke: bool) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -140,11 +142,7 @@ SMOKE_VARIANTS = {
 
 def get_config(arg: str = "all") -> ml_collections.ConfigDict:
     """`NAME` or `NAME_smoke` for NAME in VARIANTS."""
-    smoke = arg.endswith("_smoke")
-    name = arg[: -len("_smoke")] if smoke else arg
-    if name not in VARIANTS:
-        choices = sorted(VARIANTS) + sorted(f"{v}_smoke" for v in VARIANTS)
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {choices}")
+    name, smoke = config_files.smoke_variant(arg, VARIANTS)
     config = VARIANTS[name](smoke)
     config.figure = name  # which figure(s) experiments.joma draws
     config.write_docs = not smoke  # rewrite docs/joma.md's blocks and docs/figures/joma_*.png

@@ -22,6 +22,8 @@ Overrides: `--config.eta=0.02`, `--config.byol.steps=4000` (under `all`), ...
 
 import ml_collections
 
+from lorank import config_files
+
 
 def phase(smoke: bool) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -130,11 +132,7 @@ SMOKE_VARIANTS = {
 
 def get_config(arg: str = "all") -> ml_collections.ConfigDict:
     """`NAME` or `NAME_smoke` for NAME in VARIANTS."""
-    smoke = arg.endswith("_smoke")
-    name = arg[: -len("_smoke")] if smoke else arg
-    if name not in VARIANTS:
-        choices = sorted(VARIANTS) + sorted(f"{v}_smoke" for v in VARIANTS)
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {choices}")
+    name, smoke = config_files.smoke_variant(arg, VARIANTS)
     config = VARIANTS[name](smoke)
     config.figure = name  # which figure(s) experiments.noncontrastive_dynamics draws
     config.write_docs = not smoke  # rewrite docs/noncontrastive.md's blocks and docs/figures/noncontrastive_*.png

@@ -21,6 +21,8 @@ Overrides: `--config.steps=200`, `--config.eta_z=(0.5, 1.0)`, ...
 
 import ml_collections
 
+from lorank import config_files
+
 
 def _world(c: ml_collections.ConfigDict, *, num_query: int, next_per_query: int, num_common: int,
            distinct_per_next: int) -> None:
@@ -150,11 +152,7 @@ SMOKE_VARIANTS = {
 
 def get_config(arg: str = "all") -> ml_collections.ConfigDict:
     """`NAME` or `NAME_smoke` for NAME in VARIANTS."""
-    smoke = arg.endswith("_smoke")
-    name = arg[: -len("_smoke")] if smoke else arg
-    if name not in VARIANTS:
-        choices = sorted(VARIANTS) + sorted(f"{v}_smoke" for v in VARIANTS)
-        raise ValueError(f"unknown config variant {arg!r}; choose one of {choices}")
+    name, smoke = config_files.smoke_variant(arg, VARIANTS)
     config = VARIANTS[name](smoke)
     config.figure = name  # which figure(s) experiments.scan_snap draws
     config.write_docs = not smoke  # rewrite docs/scan_snap.md's blocks and docs/figures/scan_snap_*.png

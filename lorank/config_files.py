@@ -44,6 +44,20 @@ def load_module(path: str | os.PathLike) -> ModuleType:
     return module
 
 
+def smoke_variant(arg: str, variants) -> tuple[str, bool]:
+    """(NAME, smoke) of a config variant spelled `NAME` or `NAME_smoke` for NAME in `variants`.
+
+    Raises:
+      ValueError: any other spelling (the choices are listed).
+    """
+    smoke = arg.endswith("_smoke")
+    name = arg[: -len("_smoke")] if smoke else arg
+    if name not in variants:
+        choices = sorted(variants) + sorted(f"{v}_smoke" for v in variants)
+        raise ValueError(f"unknown config variant {arg!r}; choose one of {choices}")
+    return name, smoke
+
+
 def load(spec: str | os.PathLike, variant: str | None = None) -> ConfigDict:
     """`get_config(variant)` of a config file; `spec` is "FILE:VARIANT" or a path with `variant` given
     (neither: the file's default variant)."""
