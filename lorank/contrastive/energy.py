@@ -16,6 +16,13 @@ C_alpha[W x] = W X_alpha W^T with X_alpha := C_alpha[x], the contrastive covaria
 of the input. With uniform alpha (`uniform_alpha`) and many samples, C_alpha[x]
 approaches 2 (V[x] - E V[x | sample]): the variance between samples minus the
 variance that augmentation adds.
+
+Two-view batches (`two_view_sq_dists`, `negative_mask`, `two_view_energy`): the losses of
+`lorank.contrastive` see z1, z2 [N, D] as 2N anchors f = [z1; z2], the partner of f[i] the other
+view of the same sample, with halved squared distances d_i^2 = ||f[i] - f[i']||^2 / 2 and
+d_ij^2 = ||f[i] - f[j]||^2 / 2 (on L2-normalized rows d^2 = 1 - cos). The negatives of an anchor are
+every other embedding of both views (2N - 2, SimCLR's convention) or the other samples of its own
+view (N - 1).
 """
 
 from __future__ import annotations
@@ -105,12 +112,13 @@ def contrastive_cov(
     return a.T @ (laplacian @ b) - (da * r[:, None]).T @ db
 
 
-def energy(z: jax.Array, z_prime: jax.Array, alpha: jax.Array | None) -> jax.Array:
-    """alpha-CL energy E_alpha = 1/2 sum_{i != j} alpha_ij (d_ij^2 - d_i^2).
+def energy(z: jax.Array, z_prime: jax.Array, alpha: jax.Array | None, *, stop_gradient: bool = True) -> jax.Array:
+    """alpha-CL energy E_alpha = 1/2 sum_{i != j} alpha_ij (||z_i - z_j||^2 - ||z_i - z_i'||^2).
 
     Args:
       z, z_prime: [N, D] representations of the two views.
-      alpha: [N, N] pairwise importance (diagonal ignored, no gradient); None: uniform.
+      alpha: [N, N] pairwise importance (diagonal ignored); None: uniform.
+      stop_gradient: treat alpha as a constant (alpha-CL); False lets gradients reach it.
 
     Returns:
       [] the energy; the max player maximizes it. Equals 1/2 tr C_alpha[z].
@@ -118,18 +126,90 @@ def energy(z: jax.Array, z_prime: jax.Array, alpha: jax.Array | None) -> jax.Arr
     _check_pair(z, z_prime, "z", "z_prime")
     if alpha is None:
         return 0.5 * jnp.trace(contrastive_cov(z, z_prime, None))
-    alpha = _off_diagonal(alpha, z.shape[0])
+    alpha = _off_diagonal(alpha, z.shape[0], stop_gradient=stop_gradient)
     d_neg = sq_dists(z, z)
     d_pos = positive_sq_dists(z, z_prime)
     return 0.5 * jnp.sum(alpha * (d_neg - d_pos[:, None]))
 
 
-def _off_diagonal(alpha: jax.Array, n: int) -> jax.Array:
-    """alpha with a zeroed diagonal and no gradient; checks its shape."""
+def _off_diagonal(alpha: jax.Array, n: int, *, stop_gradient: bool = True) -> jax.Array:
+    """alpha with a zeroed diagonal (and no gradient unless stop_gradient=False); checks its shape."""
     alpha = jnp.asarray(alpha)
     if alpha.shape != (n, n):
         raise ValueError(f"alpha must have shape {(n, n)}, got {alpha.shape}")
-    return jax.lax.stop_gradient(alpha * (1.0 - jnp.eye(n, dtype=alpha.dtype)))
+    alpha = alpha * (1.0 - jnp.eye(n, dtype=alpha.dtype))
+    return jax.lax.stop_gradient(alpha) if stop_gradient else alpha
+
+
+NEGATIVES = ("both_views", "one_view")
+
+
+def stack_views(z1: jax.Array, z2: jax.Array, *, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """The 2N anchors f = [z1; z2] and their partners f' = [z2; z1], rows L2-normalized if `normalize`.
+
+    Args:
+      z1, z2: [N, D] two views of N samples (N >= 2).
+
+    Returns:
+      (f, f_prime), each [2N, D].
+    """
+    _check_pair(z1, z2, "z1", "z2")
+    f = jnp.concatenate([z1, z2], axis=0)
+    if normalize:
+        f = f / jnp.maximum(jnp.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    n = z1.shape[0]
+    return f, jnp.roll(f, n, axis=0)
+
+
+def two_view_sq_dists(z1: jax.Array, z2: jax.Array, *, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Halved squared distances of the 2N anchors of a two-view batch.
+
+    Args:
+      z1, z2: [N, D] two views of N samples.
+      normalize: L2-normalize the rows first (then d^2 = 1 - cos).
+
+    Returns:
+      (d_pos [2N], d_neg [2N, 2N]): d_pos[i] = ||f_i - f_i'||^2 / 2, d_neg[i, j] = ||f_i - f_j||^2 / 2,
+      f = [z1; z2] (`stack_views`).
+    """
+    f, f_prime = stack_views(z1, z2, normalize=normalize)
+    return 0.5 * positive_sq_dists(f, f_prime), 0.5 * sq_dists(f, f)
+
+
+def negative_mask(n: int, negatives: str = "both_views") -> jax.Array:
+    """Which pairs (i, j) of the 2N anchors are negatives: [2N, 2N] bool.
+
+    "both_views": every j other than i and its partner (2N - 2 per row); "one_view": the other
+    samples of i's own view (N - 1 per row).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if n < 2:
+        raise ValueError(f"a contrastive batch needs at least 2 samples, got n={n}")
+    idx = jnp.arange(2 * n)
+    same_sample = (idx[:, None] % n) == (idx[None, :] % n)
+    if negatives == "both_views":
+        return ~same_sample
+    return ~same_sample & ((idx[:, None] // n) == (idx[None, :] // n))
+
+
+def two_view_energy(z1: jax.Array, z2: jax.Array, alpha: jax.Array, *, normalize: bool = True,
+                    stop_gradient: bool = True) -> jax.Array:
+    """Per-anchor energy of a two-view batch: E_alpha / 2N = 1/(2N) sum_ij alpha_ij (d_ij^2 - d_i^2).
+
+    `energy` of the stacked anchors (`stack_views`), whose 1/2 ||.||^2 is the halved distance d^2.
+
+    Args:
+      z1, z2: [N, D] two views.
+      alpha: [2N, 2N] pair weights over the anchors (zero off the negatives; diagonal ignored).
+      normalize: L2-normalize the rows first.
+      stop_gradient: hold alpha fixed (alpha-CL); False differentiates through it.
+
+    Returns:
+      [] the energy per anchor; alpha-CL minimizes its negative.
+    """
+    f, f_prime = stack_views(z1, z2, normalize=normalize)
+    return energy(f, f_prime, alpha, stop_gradient=stop_gradient) / f.shape[0]
 
 
 def _check_2d(x: jax.Array, name: str) -> None:
