@@ -56,6 +56,7 @@ CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 AXIS_RULES = (("conv_height", None), ("conv_width", None), ("conv_in", None), ("conv_out", None), ("norm", None))
 # The blocks' convolution kernels (not the stem's nor the shortcuts'), as [kh * kw * in, out] matrices.
 GALORE_PATTERN = r"(^|.*/)layer\d+_\d+/conv\d+/kernel"
+SMALL_CONVNET_GALORE_PATTERN = r"(^|.*/)conv([2-9]|\d\d+)/kernel"  # SmallConvNet's convolutions after the first
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
 
@@ -293,3 +294,10 @@ def conv_matrix_axes(params: Any) -> Any:
 
 FAMILY = ModelFamily(name="resnet", axis_rules=AXIS_RULES, projected=GALORE_PATTERN, layer_kind=layer_kind,
                      matrix_axes=conv_matrix_axes)
+SMALL_CONVNET_FAMILY = dataclasses.replace(FAMILY, name="small_convnet", projected=SMALL_CONVNET_GALORE_PATTERN)
+
+
+def family(backbone_name: str) -> ModelFamily:
+    """The ModelFamily of a backbone by name: which kernels GaLore projects, as [kh * kw * in, out]."""
+    checks.one_of("backbone", backbone_name, tuple(BACKBONES))
+    return SMALL_CONVNET_FAMILY if backbone_name == "small_convnet" else FAMILY

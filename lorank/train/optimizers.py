@@ -16,7 +16,7 @@ import optax
 from lorank import checks, optim
 from lorank.models.family import ModelFamily
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "galore", "galore8bit", "galore_adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgdw", "lars", "galore", "galore8bit", "galore_adafactor")
 GALORE_OPTIMIZERS = ("galore", "galore8bit", "galore_adafactor")
 
 
@@ -63,6 +63,13 @@ def update_rule(c, name: str, schedule: optax.ScalarOrSchedule, family: ModelFam
                            optax.scale_by_learning_rate(schedule))
     if name == "sgd":
         return optax.sgd(schedule, momentum=c.b1 or None)
+    if name == "sgdw":  # SGD with momentum b1 and weight decay on matrices (torch.optim.SGD's, which adds it to g)
+        return optax.chain(optax.add_decayed_weights(c.weight_decay, decay_mask),
+                           optax.sgd(schedule, momentum=c.b1 or None))
+    if name == "lars":  # SimCLR's LARS: no weight decay or trust ratio on BatchNorm parameters and biases
+        return optax.lars(schedule, weight_decay=c.weight_decay, weight_decay_mask=decay_mask,
+                          trust_coefficient=c.get("trust_coefficient", 0.001), trust_ratio_mask=decay_mask,
+                          momentum=c.b1)
     if name == "galore":
         return optim.galore_adamw(schedule, **adam, **_galore_kwargs(c, family))
     if name == "galore8bit":

@@ -283,6 +283,29 @@ def effective_rank(singular_values: Any) -> jax.Array:
     return spectrum.effective_rank(jnp.diag(jnp.abs(s)))
 
 
+def state_features(mesh, features_fn: Callable[[Any, Any, jax.Array], Any], batch_size: int
+                   ) -> Callable[[Any, Any], Any]:
+    """(state, images [N, ...]) -> features_fn(state.params, state.extra, images) as NumPy, batch by batch.
+
+    Batches of `batch_size` (the last padded) are laid out on `mesh`, each process feeding its own
+    rows; the jitted `features_fn` returns an array [B, D] or a tuple of them, replicated. Returns
+    float32 [N, D] (or a tuple of such).
+    """
+    rows = mesh_lib.process_rows(mesh, (batch_size,))
+    fn = jax.jit(features_fn, out_shardings=mesh_lib.replicated(mesh))
+
+    def features(state, images):
+        out = []
+        for a, b in _batches(len(images), batch_size):
+            local = _pad_rows(np.asarray(images[a:b]), batch_size)[rows]
+            batch = mesh_lib.global_batch(mesh, local, (batch_size,))
+            got = jax.device_get(fn(state.params, state.extra, batch))
+            out.append(jax.tree.map(lambda x, size=b - a: np.asarray(x)[:size], got))
+        return jax.tree.map(lambda *xs: np.concatenate(xs).astype(np.float32), *out)
+
+    return features
+
+
 def probe_evaluator(features_fn: Callable[[Any, Any, jax.Array], jax.Array], train_images: Any, train_labels: Any,
                     test_images: Any, test_labels: Any, *, num_classes: int, every: int,
                     knn_k: Sequence[int] = (200, 20), knn_temperature: float = 0.1, knn_weighted: bool = True,
@@ -319,16 +342,7 @@ def probe_evaluator(features_fn: Callable[[Any, Any, jax.Array], jax.Array], tra
     checks.number("knn_temperature", knn_temperature, low=0.0, low_open=True)
 
     def make(mesh):
-        rows = mesh_lib.process_rows(mesh, (batch_size,))
-        fn = jax.jit(features_fn, out_shardings=mesh_lib.replicated(mesh))
-
-        def features(state, images):
-            out = []
-            for a, b in _batches(len(images), batch_size):
-                local = _pad_rows(np.asarray(images[a:b]), batch_size)[rows]
-                batch = mesh_lib.global_batch(mesh, local, (batch_size,))
-                out.append(np.asarray(jax.device_get(fn(state.params, state.extra, batch)))[:b - a])
-            return np.concatenate(out).astype(np.float32)
+        features = state_features(mesh, features_fn, batch_size)
 
         def evaluate(state):
             train_x, test_x = features(state, train_images), features(state, test_images)
