@@ -208,18 +208,19 @@ def cpu() -> ConfigDict:
 
 def smoke() -> ConfigDict:
     c = cpu()
-    c.data.train_per_class = 40
-    c.data.probe_per_class = 20
-    c.data.test_per_class = 10
+    c.data.train_per_class = 200
+    c.data.probe_per_class = 60
+    c.data.test_per_class = 40
     c.model.backbone_options = ConfigDict({"width": 8})
     c.model.projector_hidden = 32
     c.model.projector_dim = 16
-    c.train.steps = 24
-    c.train.batch_size = 32
-    c.train.log_every = 6
-    c.train.eval_every = 12
-    c.train.checkpoint_every = 12
-    c.optim.warmup_steps = 4
+    c.train.steps = 160
+    c.train.batch_size = 64
+    c.train.log_every = 40
+    c.train.eval_every = 160
+    c.train.checkpoint_every = 160
+    c.optim.lr = 4e-3
+    c.optim.warmup_steps = 16
     c.eval.knn_k = (20, 5)
     return c
 

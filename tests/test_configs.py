@@ -334,6 +334,25 @@ def _bench_noncontrastive(out):
             "checks made": (len(out["checks"]), 2, 2)}
 
 
+def _ssl(out):
+    random = out["random_network"]
+    return {"linear probe gain over the untrained network": (out["probe/linear_acc"] - random["probe/linear_acc"],
+                                                             0.01, 0.3),
+            "kNN k=20 gain over the untrained network": (out["probe/knn20_acc"] - random["probe/knn20_acc"], 0.01, 0.3),
+            "final loss (tau NT-Xent, from tau log(2N - 1) = 2.42)": (out["loss"], 1.5, 2.3),
+            "feature effective rank (of 32)": (out["spectrum/feature_erank"], 5.0, 32.0),
+            "steps": (out["steps"], 160, 160)}
+
+
+def _bench_ssl(out):
+    v = out["variants"]
+    return {"infonce linear probe": (v["infonce"]["probe/linear_acc"], 0.1, 0.6),
+            "directclr linear probe": (v["directclr"]["probe/linear_acc"], 0.1, 0.6),
+            "raw-pixel linear probe": (out["raw_pixels"]["probe/linear_acc"], 0.1, 0.6),
+            "directclr has no projection spectrum": (float("spectrum/projection_erank" in v["directclr"]), 0, 0),
+            "checks made": (len(out["checks"]), 3, 3)}
+
+
 HEADLINES = {
     "llama:smoke": _pretrain,
     "bench_nanogpt:smoke": _bench_nanogpt,
@@ -358,6 +377,8 @@ HEADLINES = {
     "bench_finetune:smoke": _bench_finetune,
     "noncontrastive:smoke": _noncontrastive,
     "bench_noncontrastive:smoke": _bench_noncontrastive,
+    "ssl:smoke": _ssl,
+    "bench_ssl:smoke": _bench_ssl,
     "noncontrastive_dynamics:all_smoke": lambda out: {
         "phase: simulated starts end at the predicted stationary point": (
             out["phase"]["simulated_agree_fraction"], 1.0, 1.0),

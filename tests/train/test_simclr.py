@@ -72,6 +72,7 @@ def npz_config(tmp_path, **ssl_fields):
     c = config_files.load(REPO / "configs" / "ssl.py", "smoke")
     c.data.source, c.data.path = "npz", str(tmp_path / "images.npz")
     c.train.steps, c.train.batch_size, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 8, 16, 4, 4, 2
+    c.optim.warmup_steps = 2
     c.eval.knn_k, c.eval.probe_batch = (20, 5), 16
     for k, v in ssl_fields.items():
         c.ssl[k] = v
