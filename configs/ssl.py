@@ -14,7 +14,7 @@ Variants:
   Settings of the public code (facebookresearch/luckmatters ssl/real-dataset: config/byol_config.yaml and its
   alpha-CL command): batch 128, projector 512-BN-ReLU-128, temperature tau 0.5, Adam lr 0.01 without weight
   decay, 100 epochs by default; direct p = 4 (the code's alpha_exponent 2 on d^2); SimCLR augmentations with
-  blur on STL-10 (96 px, the standard stem, trained on train + unlabeled). gamma = 2 for r_gamma and the
+  blur on STL-10 (96 px, the standard stem, trained on its unlabeled split). gamma = 2 for r_gamma and the
   same tau for r_s are lorank's choices (the values behind the paper's table were not available to check).
   CIFAR uses the CIFAR stem (3x3 conv, stride 1, no max-pool). Warmup 10 epochs then a per-step cosine is
   lorank's schedule (the public SimCLR code's is effectively constant). They need the dataset (tfds or a
@@ -33,7 +33,7 @@ SMOKE_VARIANTS = {"smoke": "experiments.ssl"}
 
 DATASETS = {  # name -> (tfds name, training images, image size)
     "cifar10": ("cifar10", 50_000, 32),
-    "stl10": ("stl10", 105_000, 96),
+    "stl10": ("stl10", 100_000, 96),
     "cifar100": ("cifar100", 50_000, 32),
 }
 BACKBONES = {"r18": "resnet18", "r50": "resnet50"}
@@ -50,7 +50,7 @@ def _base() -> ConfigDict:
     c.data.path = ""  # folder_tar / npz file (empty: the CIFAR-10 archive in $LORANK_DATA)
     c.data.tfds_name = "cifar10"  # tfds dataset (source tfds)
     c.data.tfds_data_dir = "~/tensorflow_datasets"  # where it is prepared
-    c.data.train_split = "train"  # images trained on (STL-10: "train+unlabelled")
+    c.data.train_split = "train"  # images trained on (STL-10: "unlabelled")
     c.data.probe_split = "train"  # labeled images the linear probe and kNN fit on
     c.data.test_split = "test"  # labeled images the probe is scored on
     c.data.train_per_class = 0  # folder_tar: at most this many training images per class (0: all)
@@ -146,7 +146,7 @@ def _dataset(c: ConfigDict, dataset: str) -> int:
     if dataset != "cifar10":
         c.data.source = "tfds"
     if dataset == "stl10":
-        c.data.train_split = "train+unlabelled"
+        c.data.train_split = "unlabelled"
         c.model.backbone_options = ConfigDict({"stem": "imagenet"})
         c.augment.blur_prob = 0.5
     return images
