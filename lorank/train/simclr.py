@@ -55,11 +55,7 @@ class SimCLRConfig:
 
     @classmethod
     def from_config(cls, section) -> "SimCLRConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(dict(section)) - names)
-        if unknown:
-            raise ValueError(f"unknown fields {unknown} in the ssl section; expected {sorted(names)}")
-        return cls(**dict(section))
+        return ssl.from_section(cls, section)
 
 
 def check_model(encoder: ssl.Encoder, cfg: SimCLRConfig, image_shape: tuple[int, int, int]) -> None:

@@ -81,11 +81,16 @@ class NonContrastiveConfig:
 
     @classmethod
     def from_config(cls, section) -> "NonContrastiveConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(dict(section)) - names)
-        if unknown:
-            raise ValueError(f"unknown fields {unknown} in the ssl section; expected {sorted(names)}")
-        return cls(**dict(section))
+        return from_section(cls, section)
+
+
+def from_section(cls, section, name: str = "ssl"):
+    """The frozen dataclass `cls` built from a config section; ValueError naming unknown fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(dict(section)) - names)
+    if unknown:
+        raise ValueError(f"unknown fields {unknown} in the {name} section; expected {sorted(names)}")
+    return cls(**dict(section))
 
 
 class Encoder(nn.Module):
