@@ -28,6 +28,8 @@ def smoke_config(name):
     config.optim.relora_reset_every = 3  # ReLoRA merges after step 3
     config.optim.relora_restart_warmup = 1
     config.train.steps = STEPS
+    if name == "lars":  # a layer moves lr * trust_coefficient (0.001) of its norm per step: SimCLR's scale of lr
+        config.optim.lr = 10.0
     return config
 
 
