@@ -65,7 +65,7 @@ def correlation_matrix(latents: jax.Array, hidden: jax.Array, *, centered: bool 
     A column that is constant over the samples (an indicator never or always on, a dead unit; in the centered case
     also any unit constant up to `CONSTANT_RTOL`) has no correlation: its entries are 0, as the public code's
     `compute_corr` gives them (it adds 1e-9 to the norms). Columns are shifted by their first row before the mean
-    is taken, so an exactly constant column centers to exact zeros in float32.
+    is taken, so an exactly constant column centers to exact zeros in float32. Entries are clipped to [-1, 1].
     """
     x, y = (jnp.asarray(a, jnp.float32) for a in (latents, hidden))
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -83,7 +83,8 @@ def correlation_matrix(latents: jax.Array, hidden: jax.Array, *, centered: bool 
             keep = norm > 0
         return jnp.where(keep, a / jnp.where(keep, norm, 1.0), 0.0)
 
-    return normalize(x).T @ normalize(y)
+    # Cauchy-Schwarz bounds the exact value; float32 sums over N samples can step past it.
+    return jnp.clip(normalize(x).T @ normalize(y), -1.0, 1.0)
 
 
 def best_match(latents: jax.Array, hidden: jax.Array, *, centered: bool = True) -> tuple[jax.Array, jax.Array]:
