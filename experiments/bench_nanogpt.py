@@ -60,26 +60,13 @@ def nanogpt_dir(config) -> pathlib.Path:
     return REPO_ROOT.parent / "shared" / "peers" / "nanoGPT"
 
 
-def _imports(python: str, modules: tuple[str, ...]) -> bool:
-    code = "import " + ", ".join(modules)
-    try:
-        return subprocess.run([python, "-c", code], capture_output=True, timeout=300).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def nanogpt_python(config) -> tuple[str | None, str]:
     """(the Python that runs nanoGPT, or None, and why not): `config.nanogpt_python`, else this Python if
     it imports torch, else `.venv-torch/bin/python` beside the repo."""
     needs = ("torch", "numpy", "requests")
-    if config.nanogpt_python:
-        candidates = [config.nanogpt_python]
-    else:
-        candidates = [sys.executable, str(REPO_ROOT / ".venv-torch" / "bin" / "python")]
-    for python in candidates:
-        if shutil.which(python) or os.path.isfile(python):
-            if _imports(python, needs):
-                return python, ""
+    python, candidates = benchlib.peer_python(needs, config.nanogpt_python)
+    if python:
+        return python, ""
     return None, (f"no Python among {candidates} imports {', '.join(needs)} (nanoGPT's requirements); install "
                   "them (`pip install numpy requests 'torch==2.13.0+cpu'`) or pass --config.nanogpt_python")
 

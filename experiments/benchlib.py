@@ -14,12 +14,15 @@ import platform
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEER_VENV_PYTHON = REPO_ROOT / ".venv-torch" / "bin" / "python"  # where the bench extra's peers may live
 BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "docs" / "bench_results"
 FIGURES_DIR = REPO_ROOT / "docs" / "figures"
@@ -195,3 +198,22 @@ def best_run(runs: dict[str, dict]) -> dict:
     best = min(runs.values(), key=lambda r: r["final_eval_loss"])
     return dict(best, step_seconds=statistics.median(r["step_seconds"] for r in runs.values()),
                 tokens_per_s=statistics.median(r["tokens_per_s"] for r in runs.values()))
+
+
+def imports(python: str, modules: tuple[str, ...]) -> bool:
+    """Whether the interpreter `python` imports every one of `modules` (False if it cannot run)."""
+    code = "import " + ", ".join(modules)
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def peer_python(modules: tuple[str, ...], explicit: str = "") -> tuple[str | None, list[str]]:
+    """(the first candidate Python that imports `modules`, or None; the candidates tried): `explicit` alone
+    when given, else this Python, then PEER_VENV_PYTHON."""
+    candidates = [explicit] if explicit else [sys.executable, str(PEER_VENV_PYTHON)]
+    for python in candidates:
+        if (shutil.which(python) or os.path.isfile(python)) and imports(python, modules):
+            return python, candidates
+    return None, candidates
