@@ -3,9 +3,10 @@
     python -m experiments.bench_ssl --config configs/bench_ssl.py:bench --workdir runs/bench_ssl
 
 Every variant of `variants` (experiments/bench_ssl.py VARIANTS) trains `ssl` (a full configs/ssl.py
-config, every field documented there) with only its `ssl.loss`, `ssl.directclr_dim` and
-`model.projector` changed: the same ConvNet, CIFAR-10 subset, augmentations, steps and optimizer.
-`bench`: the ten variants on configs/ssl.py:cpu, with the PyTorch throughput comparison; `smoke`:
+config, every field documented there) with only its `ssl.loss`, `ssl.directclr_dim`,
+`model.projector` and (galore) `optim.name` changed: the same ConvNet, CIFAR-10 subset,
+augmentations, steps and learning rate.
+`bench`: the eleven variants on configs/ssl.py:cpu, with the PyTorch throughput comparison; `smoke`:
 two variants on configs/ssl.py:smoke, no throughput, nothing written to the docs.
 """
 
@@ -17,7 +18,7 @@ from lorank import config_files
 
 # variant -> experiment module that runs it; the tests run every smoke variant.
 SMOKE_VARIANTS = {"smoke": "experiments.bench_ssl"}
-ALL_VARIANTS = "infonce,quadratic,backprop,r_H,r_gamma,r_s,direct,proj_linear,proj_none,directclr"
+ALL_VARIANTS = "infonce,quadratic,backprop,r_H,r_gamma,r_s,direct,proj_linear,proj_none,directclr,galore"
 
 
 def _ssl(variant: str) -> ConfigDict:

@@ -4,14 +4,17 @@
 
 Trains every variant of `config.variants` (`VARIANTS`: InfoNCE, L_quadratic, backprop alpha,
 alpha-CL r_H, r_gamma, r_s and direct with the 2-layer projector; InfoNCE with a 1-layer and with
-no projector; DirectCLR) with the same network, data, augmentations, steps and optimizer
+no projector; DirectCLR; InfoNCE trained by GaLore-Adam on the conv kernels at Adam's peak learning
+rate) with the same network, data, augmentations, steps and, but for "galore", optimizer
 (`config.ssl`, a configs/ssl.py config; `lorank.train.contrastive.run` in workdir/VARIANT, finished
 runs reused) and reports per variant the final linear-probe and kNN accuracy of the frozen backbone,
-the effective ranks of its features and projections and the training images/s, with two anchors
+the effective ranks of its features and projections, the optimizer state's bytes and the training
+images/s, with two anchors
 measured in the same run: the same linear probe and kNN on the raw pixels (flattened, at the training
 resolution) and the randomly initialized network (the first run's step-0 probe). Checks (reported,
 not asserted): every method above the random network; alpha-CL-direct at least as good as InfoNCE;
-both at least `config.margin` above L_quadratic; 2-layer projector > DirectCLR > 1-layer > none.
+both at least `config.margin` above L_quadratic; 2-layer projector > DirectCLR > 1-layer > none;
+GaLore's optimizer state smaller than Adam's (InfoNCE's).
 Figures: the singular-value spectra of every variant's final features and projections, and their
 effective ranks over training.
 
@@ -32,7 +35,6 @@ import json
 import pathlib
 import statistics
 import subprocess
-import sys
 import time
 
 import jax
@@ -49,22 +51,22 @@ from lorank.models import resnet  # noqa: E402
 from lorank.train import contrastive, loop as loop_lib, mesh as mesh_lib, noncontrastive  # noqa: E402
 from lorank.train import optimizers, probe, simclr, ssl  # noqa: E402
 
-VARIANTS = {  # name -> ({ssl fields}, {model fields}) changed from config.ssl
-    "infonce": ({"loss": "infonce"}, {}),
-    "quadratic": ({"loss": "quadratic"}, {}),
-    "backprop": ({"loss": "backprop"}, {}),
-    "r_H": ({"loss": "r_H"}, {}),
-    "r_gamma": ({"loss": "r_gamma"}, {}),
-    "r_s": ({"loss": "r_s"}, {}),
-    "direct": ({"loss": "direct"}, {}),
-    "proj_linear": ({"loss": "infonce"}, {"projector": "linear"}),
-    "proj_none": ({"loss": "infonce"}, {"projector": "none"}),
-    "directclr": ({"loss": "infonce"}, {"projector": "none"}),  # and ssl.directclr_dim = directclr_dim(config)
+VARIANTS = {  # name -> ({ssl fields}, {model fields}, {optim fields}) changed from config.ssl
+    "infonce": ({"loss": "infonce"}, {}, {}),
+    "quadratic": ({"loss": "quadratic"}, {}, {}),
+    "backprop": ({"loss": "backprop"}, {}, {}),
+    "r_H": ({"loss": "r_H"}, {}, {}),
+    "r_gamma": ({"loss": "r_gamma"}, {}, {}),
+    "r_s": ({"loss": "r_s"}, {}, {}),
+    "direct": ({"loss": "direct"}, {}, {}),
+    "proj_linear": ({"loss": "infonce"}, {"projector": "linear"}, {}),
+    "proj_none": ({"loss": "infonce"}, {"projector": "none"}, {}),
+    "directclr": ({"loss": "infonce"}, {"projector": "none"}, {}),  # and ssl.directclr_dim = directclr_dim(config)
+    "galore": ({"loss": "infonce"}, {}, {"name": "galore"}),  # and optim.galore_lr = optim.lr
 }
 PROJECTOR_ORDER = (("infonce", "2-layer"), ("directclr", "DirectCLR"), ("proj_linear", "1-layer"),
                    ("proj_none", "none"))  # the expected order of linear-probe accuracy, best first
 PEER = pathlib.Path(__file__).resolve().with_name("torch_simclr_peer.py")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def variant_list(spec: str) -> list[str]:
@@ -83,15 +85,15 @@ def directclr_dim(config) -> int:
 
 
 def variant_config(config, name: str):
-    """config.ssl with the ssl and model fields of variant `name` changed."""
+    """config.ssl with the ssl, model and optim fields of variant `name` changed."""
     cfg = copy.deepcopy(config.ssl)
-    ssl_fields, model_fields = VARIANTS[name]
-    for k, v in ssl_fields.items():
-        cfg.ssl[k] = v
-    for k, v in model_fields.items():
-        cfg.model[k] = v
+    for section, fields in zip(("ssl", "model", "optim"), VARIANTS[name]):
+        for k, v in fields.items():
+            cfg[section][k] = v
     if name == "directclr":
         cfg.ssl.directclr_dim = directclr_dim(config)
+    if name == "galore":  # the same peak learning rate as Adam's: only the projection of the conv kernels differs
+        cfg.optim.galore_lr = cfg.optim.lr
     return cfg
 
 
@@ -138,16 +140,21 @@ def raw_pixel_anchor(probe_x: np.ndarray, probe_y: np.ndarray, test_x: np.ndarra
     return out
 
 
-def ordering_checks(acc: dict[str, float], random_acc: float, margin: float) -> dict[str, bool]:
+def ordering_checks(acc: dict[str, float], random_acc: float, margin: float,
+                    state_bytes: dict[str, int] | None = None) -> dict[str, bool]:
     """The expected orderings of linear-probe accuracies `acc` (variant -> accuracy) that the variants
     present allow: each above `random_acc`; direct >= infonce; both >= quadratic + margin; the projector
-    order (PROJECTOR_ORDER, strictly decreasing)."""
+    order (PROJECTOR_ORDER, strictly decreasing); and of `state_bytes` (variant -> optimizer state bytes):
+    galore < infonce (Adam)."""
+    state_bytes = state_bytes or {}
     out = {f"{name} above the random network": a > random_acc for name, a in acc.items()}
     if "direct" in acc and "infonce" in acc:
         out["direct >= infonce"] = acc["direct"] >= acc["infonce"]
     both = [n for n in ("direct", "infonce") if n in acc]
     if both and "quadratic" in acc:
         out[f"{' and '.join(both)} >= quadratic + {margin:g}"] = min(acc[n] for n in both) >= acc["quadratic"] + margin
+    if "galore" in state_bytes and "infonce" in state_bytes:
+        out["galore's optimizer state < adamw's (infonce)"] = state_bytes["galore"] < state_bytes["infonce"]
     chain = [(n, label) for n, label in PROJECTOR_ORDER if n in acc]
     if len(chain) > 1:
         out["projectors: " + " > ".join(label for _, label in chain)] = all(
@@ -165,14 +172,7 @@ def ratio_summary(lorank: list[float], torch: list[float]) -> dict[str, float]:
 
 def torch_python() -> str | None:
     """A Python that imports torch: this one, else .venv-torch/bin/python beside the repo; None if neither."""
-    for python in (sys.executable, str(REPO_ROOT / ".venv-torch" / "bin" / "python")):
-        try:
-            if pathlib.Path(python).exists() and subprocess.run(
-                    [python, "-c", "import torch, numpy"], capture_output=True, timeout=300).returncode == 0:
-                return python
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    return None
+    return benchlib.peer_python(("torch", "numpy"))[0]
 
 
 class LorankStep:
@@ -255,7 +255,7 @@ def plot(results: dict[str, dict], path: pathlib.Path) -> None:
     """Final feature and projection spectra (log scale) and effective ranks over training of every variant."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     for k, (name, r) in enumerate(results.items()):
-        colour = f"C{k % 10}"
+        colour = plt.get_cmap("tab20")((2 * k) % 20 + (2 * k) // 20 % 2)  # ten distinct hues, then their light twins
         for ax, which in zip(axes[:2], ("feature", "projection")):
             if which in r["spectra"]:
                 ax.semilogy(r["spectra"][which], color=colour, label=name)
@@ -298,7 +298,9 @@ def run(config, workdir) -> dict:
     acc = {name: r["probe/linear_acc"] for name, r in results.items()}
     out = {"variants": {n: {k: v for k, v in r.items() if k not in ("records", "spectra")} for n, r in results.items()},
            "raw_pixels": raw, "random_network": random,
-           "checks": ordering_checks(acc, random["probe/linear_acc"], config.margin), "throughput": speed,
+           "checks": ordering_checks(acc, random["probe/linear_acc"], config.margin,
+                                     {name: r["optimizer_state_bytes"] for name, r in results.items()}),
+           "throughput": speed,
            "directclr_dim": directclr_dim(config), "knn_k": list(knn_k), "wall_seconds": time.perf_counter() - start}
     section = config.section
     (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -321,15 +323,17 @@ def docs_body(out: dict, config, section: str) -> str:
     rank = lambda r, key: f"{r[key]:.1f}" if key in r else ""  # noqa: E731
 
     def row(name, r, rate=""):
+        state = f"{r['optimizer_state_bytes'] / 1024:.0f}" if "optimizer_state_bytes" in r else ""
         return ([name, acc(r, "probe/linear_acc")] + [acc(r, f"probe/knn{k}_acc") for k in knn_k]
-                + [rank(r, "spectrum/feature_erank"), rank(r, "spectrum/projection_erank"), rate])
+                + [rank(r, "spectrum/feature_erank"), rank(r, "spectrum/projection_erank"), state, rate])
 
     rows = [row(name, r, f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "")
             for name, r in out["variants"].items()]
     rows.append(row("random network (step 0)", out["random_network"]))
     rows.append(row("raw pixels", out["raw_pixels"]))
     table = benchlib.markdown_table(["variant", "linear probe"] + [f"kNN k={k}" for k in knn_k]
-                                    + ["feature eff. rank", "projection eff. rank", "train images/s"], rows)
+                                    + ["feature eff. rank", "projection eff. rank", "optimizer state KiB",
+                                       "train images/s"], rows)
     verdicts = "\n".join(f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in out["checks"].items())
     d, m, o = c.data, c.model, c.optim
     params = next(iter(out["variants"].values()))["param_count"]
@@ -340,7 +344,8 @@ def docs_body(out: dict, config, section: str) -> str:
              f"training images per class at {32 // d.downsample} px; every variant {c.train.steps} steps of "
              f"{c.train.batch_size} images (two SimCLR views each, crop area {tuple(c.augment.crop_area)}), "
              f"{o.name} lr {o.lr} (warmup {o.warmup_steps} steps, then cosine), weight decay {o.weight_decay}; "
-             f"tau {c.ssl.tau}, direct p {c.ssl.p}, r_gamma gamma {c.ssl.gamma}. Probes of the frozen backbone "
+             f"tau {c.ssl.tau}, direct p {c.ssl.p}, r_gamma gamma {c.ssl.gamma}.{galore_text(out, c)} "
+             f"Probes of the frozen backbone "
              f"(features before the projector): a linear probe (l2 chosen on a validation split of the probe set, "
              f"never on test) and weighted kNN (T = 0.1, cosine) fitted on {d.probe_per_class} training images per "
              f"class and scored on {d.test_per_class} test images per class; the raw-pixel row applies the same "
@@ -350,6 +355,17 @@ def docs_body(out: dict, config, section: str) -> str:
              f"{out['wall_seconds'] / 60:.1f} minutes (finished runs are reused).")
     figure = f"![final spectra and effective rank over training](figures/{section}.png)"
     return f"{setup}\n\n{table}\n\nChecks:\n\n{verdicts}\n\n{figure}\n\n{throughput_text(out['throughput'])}"
+
+
+def galore_text(out: dict, c) -> str:
+    """The sentence on the galore variant's optimizer, "" where it did not run."""
+    if "galore" not in out["variants"]:
+        return ""
+    o = c.optim
+    return (f" The galore variant trains InfoNCE with GaLore-Adam instead: the conv kernels' gradients, as "
+            f"[kh * kw * cin, cout] matrices, projected to rank {o.rank} (refreshed every {o.update_proj_gap} steps "
+            f"by an {o.svd} SVD, {o.proj_type} side, scale {o.galore_scale}), every other parameter by plain Adam, "
+            f"at Adam's peak learning rate {o.lr}.")
 
 
 def throughput_text(speed: dict) -> str:
