@@ -35,24 +35,46 @@ PAPER_PREDICTORS = {  # variant suffix -> (predictor, freq)
 IMAGES = {"cifar10": (50_000, 32), "stl10": (100_000, 96)}  # training images (STL-10: unlabeled split), size
 
 
+def data_section() -> ConfigDict:
+    """The `data` section of an image SSL run (configs/ssl.py shares it): `noncontrastive.load_data` reads it."""
+    d = ConfigDict()
+    d.source = "folder_tar"  # folder_tar (a class-per-folder archive), tfds, npz
+    d.path = ""  # folder_tar / npz file (empty: the CIFAR-10 archive in $LORANK_DATA)
+    d.tfds_name = "cifar10"  # tfds dataset (source tfds)
+    d.tfds_data_dir = "~/tensorflow_datasets"  # where it is prepared
+    d.train_split = "train"  # images trained on (STL-10: "unlabelled")
+    d.probe_split = "train"  # labeled images the linear probe and kNN fit on
+    d.test_split = "test"  # labeled images the probe is scored on
+    d.train_per_class = 0  # folder_tar: at most this many training images per class (0: all)
+    d.probe_per_class = 0  # folder_tar: probe-fit images per class (0: all)
+    d.test_per_class = 0  # folder_tar: test images per class (0: all)
+    d.max_train_images = 0  # tfds / npz: at most this many training images (0: all)
+    d.max_probe_images = 0  # tfds / npz: probe-fit images (0: all)
+    d.max_test_images = 0  # tfds / npz: test images (0: all)
+    d.seed = 0  # seed of the per-epoch order of training images
+    d.downsample = 1  # average-pool every image by this factor (CPU runs: 2, CIFAR's 32 px -> 16 px)
+    return d
+
+
+def augment_section() -> ConfigDict:
+    """The `augment` section of an image SSL run (configs/ssl.py shares it): SimCLR's view pipeline."""
+    d = ConfigDict()
+    d.crop_area = (0.08, 1.0)  # random resized crop: area fraction range
+    d.crop_aspect = (3 / 4, 4 / 3)  # aspect-ratio range
+    d.flip_prob = 0.5  # horizontal flip probability
+    d.jitter_prob = 0.8  # colour jitter probability
+    d.brightness = 0.4  # colour jitter strengths
+    d.contrast = 0.4  # "
+    d.saturation = 0.4  # "
+    d.hue = 0.1  # "
+    d.gray_prob = 0.2  # random grayscale probability
+    d.blur_prob = 0.0  # Gaussian blur probability (off on CIFAR; STL-10: 0.5)
+    return d
+
+
 def _base() -> ConfigDict:
     c = ConfigDict()
-    c.data = ConfigDict()
-    c.data.source = "folder_tar"  # folder_tar (a class-per-folder archive), tfds, npz
-    c.data.path = ""  # folder_tar / npz file (empty: the CIFAR-10 archive in $LORANK_DATA)
-    c.data.tfds_name = "cifar10"  # tfds dataset (source tfds)
-    c.data.tfds_data_dir = "~/tensorflow_datasets"  # where it is prepared
-    c.data.train_split = "train"  # images trained on (STL-10: "unlabelled")
-    c.data.probe_split = "train"  # labeled images the linear probe and kNN fit on
-    c.data.test_split = "test"  # labeled images the probe is scored on
-    c.data.train_per_class = 0  # folder_tar: at most this many training images per class (0: all)
-    c.data.probe_per_class = 0  # folder_tar: probe-fit images per class (0: all)
-    c.data.test_per_class = 0  # folder_tar: test images per class (0: all)
-    c.data.max_train_images = 0  # tfds / npz: at most this many training images (0: all)
-    c.data.max_probe_images = 0  # tfds / npz: probe-fit images (0: all)
-    c.data.max_test_images = 0  # tfds / npz: test images (0: all)
-    c.data.seed = 0  # seed of the per-epoch order of training images
-    c.data.downsample = 1  # average-pool every image by this factor (CPU runs: 2, CIFAR's 32 px -> 16 px)
+    c.data = data_section()
 
     c.model = ConfigDict()
     c.model.backbone = "resnet18"  # resnet18, resnet50, small_convnet
@@ -76,17 +98,7 @@ def _base() -> ConfigDict:
     c.ssl.directcopy_normalize = True  # DirectCopy: F / ||F|| + eps I
     c.ssl.predictor_hidden = 4096  # mlp predictor hidden width (BYOL: 4096)
 
-    c.augment = ConfigDict()
-    c.augment.crop_area = (0.08, 1.0)  # random resized crop: area fraction range
-    c.augment.crop_aspect = (3 / 4, 4 / 3)  # aspect-ratio range
-    c.augment.flip_prob = 0.5  # horizontal flip probability
-    c.augment.jitter_prob = 0.8  # colour jitter probability
-    c.augment.brightness = 0.4  # colour jitter strengths
-    c.augment.contrast = 0.4  # "
-    c.augment.saturation = 0.4  # "
-    c.augment.hue = 0.1  # "
-    c.augment.gray_prob = 0.2  # random grayscale probability
-    c.augment.blur_prob = 0.0  # Gaussian blur probability (off on CIFAR; STL-10: 0.5)
+    c.augment = augment_section()
 
     c.train = ConfigDict()
     c.train.steps = 39_000  # optimizer steps (100 epochs of 50k images at batch 128)

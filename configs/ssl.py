@@ -26,7 +26,11 @@ Variants:
   `cifar10_r18_directclr` (d0 = 128 of 512).
 """
 
+import pathlib
+
 from ml_collections import ConfigDict
+
+from lorank import config_files
 
 # variant -> experiment module that runs it; the tests run every smoke variant.
 SMOKE_VARIANTS = {"smoke": "experiments.ssl"}
@@ -43,24 +47,13 @@ TABLE_LOSSES = {"quadratic": "quadratic", "nce": "infonce", "backprop": "backpro
 PROJECTORS = ("mlp2", "linear", "none")
 
 
+# the data and augment sections, the same as the non-contrastive runs'
+_IMAGE_SSL = config_files.load_module(pathlib.Path(__file__).resolve().with_name("noncontrastive.py"))
+
+
 def _base() -> ConfigDict:
     c = ConfigDict()
-    c.data = ConfigDict()
-    c.data.source = "folder_tar"  # folder_tar (a class-per-folder archive), tfds, npz
-    c.data.path = ""  # folder_tar / npz file (empty: the CIFAR-10 archive in $LORANK_DATA)
-    c.data.tfds_name = "cifar10"  # tfds dataset (source tfds)
-    c.data.tfds_data_dir = "~/tensorflow_datasets"  # where it is prepared
-    c.data.train_split = "train"  # images trained on (STL-10: "unlabelled")
-    c.data.probe_split = "train"  # labeled images the linear probe and kNN fit on
-    c.data.test_split = "test"  # labeled images the probe is scored on
-    c.data.train_per_class = 0  # folder_tar: at most this many training images per class (0: all)
-    c.data.probe_per_class = 0  # folder_tar: probe-fit images per class (0: all)
-    c.data.test_per_class = 0  # folder_tar: test images per class (0: all)
-    c.data.max_train_images = 0  # tfds / npz: at most this many training images (0: all)
-    c.data.max_probe_images = 0  # tfds / npz: probe-fit images (0: all)
-    c.data.max_test_images = 0  # tfds / npz: test images (0: all)
-    c.data.seed = 0  # seed of the per-epoch order of training images
-    c.data.downsample = 1  # average-pool every image by this factor (CPU runs: 2, CIFAR's 32 px -> 16 px)
+    c.data = _IMAGE_SSL.data_section()
 
     c.model = ConfigDict()
     c.model.backbone = "resnet18"  # resnet18, resnet50, small_convnet
@@ -80,17 +73,7 @@ def _base() -> ConfigDict:
     c.ssl.negatives = "both_views"  # both_views (2N - 2 per anchor) or one_view (N - 1)
     c.ssl.directclr_dim = 0  # > 0: DirectCLR on the first d0 backbone features (projector "none")
 
-    c.augment = ConfigDict()
-    c.augment.crop_area = (0.08, 1.0)  # random resized crop: area fraction range
-    c.augment.crop_aspect = (3 / 4, 4 / 3)  # aspect-ratio range
-    c.augment.flip_prob = 0.5  # horizontal flip probability
-    c.augment.jitter_prob = 0.8  # colour jitter probability
-    c.augment.brightness = 0.4  # colour jitter strengths
-    c.augment.contrast = 0.4  # "
-    c.augment.saturation = 0.4  # "
-    c.augment.hue = 0.1  # "
-    c.augment.gray_prob = 0.2  # random grayscale probability
-    c.augment.blur_prob = 0.0  # Gaussian blur probability (off on CIFAR; STL-10: 0.5)
+    c.augment = _IMAGE_SSL.augment_section()
 
     c.train = ConfigDict()
     c.train.steps = 39_000  # optimizer steps (100 epochs of 50k images at batch 128)

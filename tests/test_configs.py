@@ -34,11 +34,12 @@ def test_every_config_file_declares_a_smoke_variant():
 
 
 def test_every_config_field_has_a_comment():
-    """Each `c.section.field = value` assignment in a config file carries a trailing comment."""
+    """Each `c.section.field = value` assignment of a config file's `_base*` and `*_section` builders carries a
+    trailing comment."""
     for path in CONFIG_FILES:
         source = path.read_text().splitlines()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("_base"):
+            if isinstance(node, ast.FunctionDef) and (node.name.startswith("_base") or node.name.endswith("_section")):
                 for stmt in node.body:
                     if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Attribute) \
                             and not isinstance(stmt.value, ast.Call):
