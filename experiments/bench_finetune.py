@@ -149,15 +149,9 @@ def run(config, workdir) -> dict:
            "sweep": {k: {m: r["final_eval_loss"] for m, r in runs.items()} for k, runs in sweep.items()},
            "tokens_per_run": tokens, "wall_seconds": wall_seconds}
     section = config.section
-    (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(results, start_losses, workdir / f"{section}.png",
          f"fine-tuning the main job's model on Python source, {tokens / 1e6:.2f}M tokens per run")
-    if config.write_docs:
-        command = (f"python -m experiments.bench_finetune --config configs/bench_finetune.py:{config.variant} "
-                   f"--workdir runs/{section}")
-        benchlib.write_section(section, command, docs_body(out, config, section), out)
-        benchlib.FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        (benchlib.FIGURES_DIR / f"{section}.png").write_bytes((workdir / f"{section}.png").read_bytes())
+    benchlib.publish_bench(config, "bench_finetune", workdir, out, lambda: docs_body(out, config, section))
     print(json.dumps({"checks": out["checks"], **{k: round(r["final_eval_loss"], 4) for k, r in results.items()}}))
     return out
 

@@ -139,17 +139,10 @@ def run(config, workdir) -> dict:
            "random_network": next(iter(results.values()))["random_network"], "checks": checks(results, dim),
            "wall_seconds": wall, "projection_dim": dim}
     section = config.section
-    (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(results, workdir / f"{section}.png", dim)
     plot_eigenvalues(results, workdir / f"{section}_eigen.png")
-    if config.write_docs:
-        command = (f"python -m experiments.bench_noncontrastive --config configs/bench_noncontrastive.py:"
-                   f"{config.variant} --workdir runs/{section}")
-        benchlib.write_section(section, command, docs_body(out, config, section), out)
-        benchlib.FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        for suffix in ("", "_eigen"):
-            figure = f"{section}{suffix}.png"
-            (benchlib.FIGURES_DIR / figure).write_bytes((workdir / figure).read_bytes())
+    benchlib.publish_bench(config, "bench_noncontrastive", workdir, out, lambda: docs_body(out, config, section),
+                           figure_suffixes=("", "_eigen"))
     print(json.dumps({"checks": out["checks"]}))
     return out
 

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import pathlib
-import shutil
 import time
 
 import matplotlib
@@ -136,14 +135,10 @@ def run(config, workdir) -> dict:
                                          for n, runs in sweep.items()},
            "checks": checks, "tokens_per_method": tokens, "wall_seconds": wall_seconds}
     section = config.section
-    (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
     title = (f"{p.model.num_layers}-layer LLaMA, D={p.model.hidden_size}, {tokens / 1e6:.2f}M tokens per method")
     plot_curves(results, str(workdir / f"{section}.png"), title)
-    if config.write_docs:
-        shutil.copyfile(workdir / f"{section}.png", benchlib.REPO_ROOT / "docs" / "figures" / f"{section}.png")
-        benchlib.write_section(section, f"python -m experiments.bench_pretrain --config "
-                               f"configs/bench_pretrain.py:{config.variant} --workdir runs/{section}",
-                               docs_body(results, out["sweep"], lrs, checks, p, tokens, wall_seconds, section), out)
+    benchlib.publish_bench(config, "bench_pretrain", workdir, out,
+                           lambda: docs_body(results, out["sweep"], lrs, checks, p, tokens, wall_seconds, section))
     print(json.dumps({"checks": checks, **{m: round(r["final_eval_loss"], 4) for m, r in results.items()}}))
     return out
 

@@ -303,14 +303,8 @@ def run(config, workdir) -> dict:
            "throughput": speed,
            "directclr_dim": directclr_dim(config), "knn_k": list(knn_k), "wall_seconds": time.perf_counter() - start}
     section = config.section
-    (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(results, workdir / f"{section}.png")
-    if config.write_docs:
-        command = (f"python -m experiments.bench_ssl --config configs/bench_ssl.py:{config.variant} "
-                   f"--workdir runs/{section}")
-        benchlib.write_section(section, command, docs_body(out, config, section), out)
-        benchlib.FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        (benchlib.FIGURES_DIR / f"{section}.png").write_bytes((workdir / f"{section}.png").read_bytes())
+    benchlib.publish_bench(config, "bench_ssl", workdir, out, lambda: docs_body(out, config, section))
     print(json.dumps({"checks": out["checks"], "throughput_ratio": speed.get("median_ratio"),
                       "throughput_skipped": speed.get("skipped")}))
     return out

@@ -131,6 +131,24 @@ def write_section(name: str, command: str, body_markdown: str, results: dict[str
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
 
 
+def publish_bench(config, experiment: str, workdir: str | pathlib.Path, out: dict[str, Any],
+                  body: Callable[[], str], figure_suffixes: tuple[str, ...] = ("",)) -> None:
+    """A benchmark's results: workdir/SECTION.json (SECTION = `config.section`) and, with `config.write_docs`,
+    section SECTION of docs/benchmarks.md under the command `python -m experiments.EXPERIMENT --config
+    configs/EXPERIMENT.py:VARIANT --workdir runs/SECTION` (VARIANT = `config.variant`) with the markdown of
+    `body()`, and the figures workdir/SECTION{suffix}.png, drawn before, copied to docs/figures."""
+    section, workdir = config.section, pathlib.Path(workdir)
+    (workdir / f"{section}.json").write_text(json.dumps(out, indent=2) + "\n")
+    if not config.write_docs:
+        return
+    command = (f"python -m experiments.{experiment} --config configs/{experiment}.py:{config.variant} "
+               f"--workdir runs/{section}")
+    write_section(section, command, body(), out)
+    FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+    for suffix in figure_suffixes:
+        shutil.copyfile(workdir / f"{section}{suffix}.png", FIGURES_DIR / f"{section}{suffix}.png")
+
+
 def publish_figure(path: pathlib.Path, name: str, body_markdown: str, command: str, figure: pathlib.Path) -> None:
     """`write_measured_block` of block `name` in the page at `path`, and `figure` copied to
     docs/figures/NAME.png, the file the page shows."""

@@ -57,3 +57,4 @@ def test_docs_body_reports_each_runs_state_bytes_and_the_galore_setting():
     assert "Throughput: not measured (no torch)." in body
     del out["variants"]["galore"]
     assert "GaLore" not in bench_ssl.docs_body(out, config, "bench_ssl")
+
