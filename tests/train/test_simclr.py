@@ -62,20 +62,10 @@ def test_task_loss_is_the_library_loss_of_the_views(loss, projector, d0):
                  s2["batch_stats"])
 
 
-def npz_config(tmp_path, **ssl_fields):
-    """The smoke config on a small npz of images the test writes (no dataset needed)."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 16)
-    base = rng.uniform(size=(4, 1, 1, 3))
-    x = np.clip(base[labels] + 0.2 * rng.normal(size=(64, 16, 16, 3)), 0, 1)
-    np.savez(tmp_path / "images.npz", images=(x * 255).astype(np.uint8), labels=labels.astype(np.int32))
-    c = config_files.load(REPO / "configs" / "ssl.py", "smoke")
-    c.data.source, c.data.path = "npz", str(tmp_path / "images.npz")
-    c.train.steps, c.train.batch_size, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 8, 16, 4, 4, 2
+def npz_config(small_ssl_config, **ssl_fields):
+    """configs/ssl.py's smoke config on the fixture's small npz of images (warmup 2 of its 8 steps)."""
+    c = small_ssl_config("ssl.py", **ssl_fields)
     c.optim.warmup_steps = 2
-    c.eval.knn_k, c.eval.probe_batch = (20, 5), 16
-    for k, v in ssl_fields.items():
-        c.ssl[k] = v
     return c
 
 
@@ -84,16 +74,16 @@ def records(workdir):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_equals_an_uninterrupted_one_and_eight_devices_equal_one(tmp_path):
-    whole = driver.run(npz_config(tmp_path), str(tmp_path / "whole"), log=lambda _: None)
-    driver.run(npz_config(tmp_path), str(tmp_path / "split"), stop_at=4, log=lambda _: None)
-    resumed = driver.run(npz_config(tmp_path), str(tmp_path / "split"), log=lambda _: None)
+def test_a_resumed_run_equals_an_uninterrupted_one_and_eight_devices_equal_one(tmp_path, small_ssl_config):
+    whole = driver.run(npz_config(small_ssl_config), str(tmp_path / "whole"), log=lambda _: None)
+    driver.run(npz_config(small_ssl_config), str(tmp_path / "split"), stop_at=4, log=lambda _: None)
+    resumed = driver.run(npz_config(small_ssl_config), str(tmp_path / "split"), log=lambda _: None)
     assert resumed["loss"] == whole["loss"] and resumed["probe/linear_acc"] == whole["probe/linear_acc"]
     losses = [r["loss"] for r in records(tmp_path / "whole") if "loss" in r]
     assert losses == [r["loss"] for r in records(tmp_path / "split") if "loss" in r]
     assert sorted(driver.load_spectra(str(tmp_path / "split"))) == [0, 4, 8]  # spectra of both invocations kept
 
-    config = npz_config(tmp_path)
+    config = npz_config(small_ssl_config)
     data = driver.noncontrastive.load_data(config.data)
     task, tx, _ = driver.build(config, data)
     loop_config = loop_lib.LoopConfig.from_config(config.train)
@@ -122,9 +112,9 @@ def test_bad_loss_fields_are_refused_naming_them(fields, match):
         simclr.SimCLRConfig.from_config(section)
 
 
-def test_bad_runs_fail_before_compute(tmp_path):
+def test_bad_runs_fail_before_compute(tmp_path, small_ssl_config):
     def fails(match, **changes):
-        c = npz_config(tmp_path)
+        c = npz_config(small_ssl_config)
         for path, value in changes.items():
             section, field = path.split("__")
             c[section][field] = value

@@ -12,13 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorank import config_files
 from lorank.data import augment
 from lorank.dynamics import directpred
 from lorank.models import resnet, heads
 from lorank.train import loop as loop_lib, mesh as mesh_lib, noncontrastive, ssl
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_encoder():
@@ -106,35 +103,19 @@ def test_bad_hyperparameters_raise_naming_them(kwargs, name):
         ssl.NonContrastiveConfig(**kwargs)
 
 
-def npz_config(tmp_path, **ssl_fields):
-    """The smoke config on a small npz of images the test writes (no dataset needed)."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 16)
-    base = rng.uniform(size=(4, 1, 1, 3))
-    x = np.clip(base[labels] + 0.2 * rng.normal(size=(64, 16, 16, 3)), 0, 1)
-    np.savez(tmp_path / "images.npz", images=(x * 255).astype(np.uint8), labels=labels.astype(np.int32))
-    c = config_files.load(REPO / "configs" / "noncontrastive.py", "smoke")
-    c.data.source, c.data.path = "npz", str(tmp_path / "images.npz")
-    c.train.steps, c.train.batch_size, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 8, 16, 4, 4, 2
-    c.eval.knn_k, c.eval.probe_batch = (20, 5), 16
-    for k, v in ssl_fields.items():
-        c.ssl[k] = v
-    return c
-
-
 def records(workdir):
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_a_resumed_byol_run_equals_an_uninterrupted_one_and_eight_devices_equal_one(tmp_path):
-    whole = noncontrastive.run(npz_config(tmp_path), str(tmp_path / "whole"), log=lambda _: None)
-    noncontrastive.run(npz_config(tmp_path), str(tmp_path / "split"), stop_at=4, log=lambda _: None)
-    resumed = noncontrastive.run(npz_config(tmp_path), str(tmp_path / "split"), log=lambda _: None)
+def test_a_resumed_byol_run_equals_an_uninterrupted_one_and_eight_devices_equal_one(tmp_path, small_ssl_config):
+    whole = noncontrastive.run(small_ssl_config("noncontrastive.py"), str(tmp_path / "whole"), log=lambda _: None)
+    noncontrastive.run(small_ssl_config("noncontrastive.py"), str(tmp_path / "split"), stop_at=4, log=lambda _: None)
+    resumed = noncontrastive.run(small_ssl_config("noncontrastive.py"), str(tmp_path / "split"), log=lambda _: None)
     assert resumed["loss"] == whole["loss"] and resumed["probe/linear_acc"] == whole["probe/linear_acc"]
     losses = [r["loss"] for r in records(tmp_path / "whole") if "loss" in r]
     assert losses == [r["loss"] for r in records(tmp_path / "split") if "loss" in r]
-    config = npz_config(tmp_path)
+    config = small_ssl_config("noncontrastive.py")
     task, tx, _ = noncontrastive.build(config, noncontrastive.load_data(config.data))
     one_device = mesh_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
     loop_lib.run(task, tx, loop_lib.LoopConfig.from_config(config.train), one_device, str(tmp_path / "one"),
