@@ -9,14 +9,13 @@ rate) with the same network, data, augmentations, steps and, but for "galore", o
 (`config.ssl`, a configs/ssl.py config; `lorank.train.contrastive.run` in workdir/VARIANT, finished
 runs reused) and reports per variant the final linear-probe and kNN accuracy of the frozen backbone,
 the effective ranks of its features and projections, the optimizer state's bytes and the training
-images/s, with two anchors
-measured in the same run: the same linear probe and kNN on the raw pixels (flattened, at the training
-resolution) and the randomly initialized network (the first run's step-0 probe). Checks (reported,
-not asserted): every method above the random network; alpha-CL-direct at least as good as InfoNCE;
-both at least `config.margin` above L_quadratic; 2-layer projector > DirectCLR > 1-layer > none;
-GaLore's optimizer state smaller than Adam's (InfoNCE's).
-Figures: the singular-value spectra of every variant's final features and projections, and their
-effective ranks over training.
+images/s, with two anchors measured in the same run: the same linear probe and kNN on the raw pixels
+(flattened, at the training resolution) and the randomly initialized network (the first run's step-0
+probe). Checks (reported, not asserted): every method above the random network; alpha-CL-direct at
+least as good as InfoNCE; both at least `config.margin` above L_quadratic; 2-layer projector >
+DirectCLR > 1-layer > none; GaLore's optimizer state smaller than Adam's (InfoNCE's). Figures: the
+singular-value spectra of every variant's final features and projections, and their effective ranks
+over training.
 
 Throughput (`config.throughput`): images/s of the SimCLR train step (two augmented views, the encoder
 forward and backward on both, InfoNCE, an SGD update) of lorank's jitted loop step against the same
