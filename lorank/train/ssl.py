@@ -84,12 +84,12 @@ class NonContrastiveConfig:
         return from_section(cls, section)
 
 
-def from_section(cls, section, name: str = "ssl"):
-    """The frozen dataclass `cls` built from a config section; ValueError naming unknown fields."""
+def from_section(cls, section):
+    """The frozen dataclass `cls` built from a run's `ssl` config section; ValueError naming unknown fields."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(dict(section)) - names)
     if unknown:
-        raise ValueError(f"unknown fields {unknown} in the {name} section; expected {sorted(names)}")
+        raise ValueError(f"unknown fields {unknown} in the ssl section; expected {sorted(names)}")
     return cls(**dict(section))
 
 
